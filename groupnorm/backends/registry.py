@@ -1,0 +1,84 @@
+"""Which backend runs for which device: one table, one override, no scattered ifs.
+
+``GROUPNORM_BACKEND_<DEVICE>`` (e.g. ``GROUPNORM_BACKEND_CPU=reference``) or the
+``use_backend`` context manager override the table; tests use both to run the Triton kernels
+on CPU tensors under ``TRITON_INTERPRET=1`` and to compare every backend with the reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+from types import ModuleType
+from typing import Dict, Iterator, List
+
+# Module path of each backend, by name.
+BACKENDS: Dict[str, str] = {
+    "reference": "groupnorm.reference",
+    "numba": "groupnorm.backends.numba_cpu",
+    "triton": "groupnorm.backends.triton_gpu",
+}
+
+# Preferred backends per device type, first available wins; "reference" always is.
+DEFAULTS: Dict[str, List[str]] = {
+    "cpu": ["numba", "reference"],
+    "cuda": ["triton", "reference"],
+}
+
+_local = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def load(name: str) -> ModuleType | None:
+    """Import a backend by name; None when its dependency (numba, triton) is missing."""
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ImportError:
+        if name == "reference":
+            raise
+        return None
+
+
+def _override(device_type: str) -> str | None:
+    forced = getattr(_local, "forced", {}).get(device_type)
+    return forced or os.environ.get(f"GROUPNORM_BACKEND_{device_type.upper()}") or None
+
+
+def backend_name(device_type: str) -> str:
+    """Name of the backend that runs for tensors on ``device_type``."""
+    forced = _override(device_type)
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"unknown groupnorm backend {forced!r}; known: {sorted(BACKENDS)}")
+        if load(forced) is None:
+            raise ImportError(f"groupnorm backend {forced!r} was requested but cannot be imported")
+        return forced
+    for name in DEFAULTS.get(device_type, ["reference"]):
+        if load(name) is not None:
+            return name
+    return "reference"
+
+
+def backend_for(device_type: str) -> ModuleType:
+    """The backend module for a device type (see the contract in ``groupnorm.backends``)."""
+    return load(backend_name(device_type))
+
+
+@contextlib.contextmanager
+def use_backend(name: str, device_type: str = "cpu") -> Iterator[None]:
+    """Run ops on ``device_type`` with backend ``name`` inside the block (this thread only)."""
+    forced = dict(getattr(_local, "forced", {}))
+    previous = forced.get(device_type)
+    forced[device_type] = name
+    _local.forced = forced
+    try:
+        yield
+    finally:
+        forced = dict(_local.forced)
+        if previous is None:
+            forced.pop(device_type, None)
+        else:
+            forced[device_type] = previous
+        _local.forced = forced
