@@ -1,0 +1,1 @@
+"""Benchmarks: shape suite, timing helpers and per-device rows for ``python -m groupnorm``."""

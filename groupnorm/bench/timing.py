@@ -1,0 +1,58 @@
+"""Side-by-side timing: medians (with p20/p80) of many runs, CPU or CUDA."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    runs: int
+
+    @property
+    def median_us(self) -> float:
+        return self.median_s * 1e6
+
+
+def _quantile(sorted_values: List[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", *,
+            warmup: int = 3, min_runs: int = 10, max_runs: int = 200,
+            budget_s: float = 1.0) -> Timing:
+    """Time ``fn`` repeatedly; CUDA runs are timed with events around each call."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    samples: List[float] = []
+    start_all = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - start_all < budget_s):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3)
+    else:
+        while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - start_all < budget_s):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
+
+
+def bytes_moved(*tensors: torch.Tensor) -> int:
+    """Bytes a memory-bound kernel must move at least: every named tensor once."""
+    return sum(t.numel() * t.element_size() for t in tensors)
