@@ -1,0 +1,50 @@
+"""``group_norm``: torch.nn.functional.group_norm's signature, plus keyword-only extras."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
+
+from . import ops, validation
+from .epilogue import activation_name
+
+Tensor = torch.Tensor
+
+
+def kernel_layout(x: Tensor) -> Tensor:
+    """x itself when it is NCHW-contiguous or channels-last (what kernels read without a
+    copy); otherwise a contiguous copy, as for any other strided input."""
+    if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+               activation: Optional[str] = None, scale: Optional[Tensor] = None,
+               shift: Optional[Tensor] = None, stats=None, process_group=None) -> Tensor:
+    """Group Normalization, equal to ``torch.nn.functional.group_norm``.
+
+    Keyword-only extras (fused in the same pass over ``input``):
+      activation: None, "silu", "gelu", "gelu_tanh", "relu" or "mish", applied last.
+      scale, shift: (N, C) per-sample modulation, ``z * (1 + scale) + shift`` after the affine.
+      stats: a ``GroupStats`` (e.g. merged over tiles) to normalise with instead of the input's.
+      process_group: a torch.distributed group over which ``input`` is sharded spatially.
+    """
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(
+            group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps,
+            activation=activation, scale=scale, shift=shift, stats=stats, process_group=process_group)
+    validation.check_inputs(input, num_groups, weight, bias, scale, shift)
+    act = activation_name(activation)
+    x = kernel_layout(input)
+    if process_group is not None:
+        from .distributed import sharded_group_norm
+
+        return sharded_group_norm(x, num_groups, weight, bias, eps, act, scale, shift, process_group)
+    if stats is not None:
+        from .stats import group_norm_with_stats
+
+        return group_norm_with_stats(x, num_groups, weight, bias, eps, act, scale, shift, stats)
+    return ops.forward(x, weight, bias, scale, shift, num_groups, float(eps), act)[0]

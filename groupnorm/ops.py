@@ -1,0 +1,206 @@
+"""torch.library custom ops: the single ops that eager mode, autograd and torch.compile see.
+
+Stages are separate ops so later layers can recombine them:
+
+    groupnorm::forward          x -> (y, mean, rstd)           statistics + apply, one op
+    groupnorm::stats            x -> (mean, m2)                per-(n, g) partial statistics
+    groupnorm::apply            x, mean, rstd -> y             normalise + affine + epilogue
+    groupnorm::backward         dy, x, mean, rstd -> grads     the whole backward, one op
+    groupnorm::backward_reduce  dy, x, mean, rstd -> (A, B)    per-(n, c) sums
+    groupnorm::backward_dx      dy, x, mean, rstd, sums -> dx
+
+Each op has a fake (meta) implementation for tracing and a kernel per device type taken from
+``backends.registry`` (Numba on CPU, Triton on CUDA, the reference elsewhere). Empty inputs
+are answered here, so kernels only ever see N * C * HW > 0.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import grad_terms, reference
+from .backends import registry
+
+Tensor = torch.Tensor
+LIB = "groupnorm"
+
+
+def _stats_shape(x: Tensor, num_groups: int):
+    return (x.shape[0], num_groups)
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return reference.acc_dtype(x.dtype)
+
+
+def _group_count(x: Tensor, num_groups: int) -> int:
+    """Elements per (n, g) group: C / G * HW."""
+    n = x.shape[0]
+    return x.numel() // (n * num_groups) if n * num_groups > 0 else 0
+
+
+def _backend(x: Tensor):
+    return registry.backend_for(x.device.type)
+
+
+def _empty_stats(x: Tensor, num_groups: int) -> Tensor:
+    return torch.zeros(_stats_shape(x, num_groups), dtype=_stats_dtype(x), device=x.device)
+
+
+# --- forward --------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{LIB}::forward", mutates_args=())
+def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+            shift: Optional[Tensor], num_groups: int, eps: float, activation: str
+            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """y = act((x - mean) * rstd * weight + bias) * (1 + scale) + shift) and its statistics."""
+    if x.numel() == 0:
+        rstd = torch.full(_stats_shape(x, num_groups), eps ** -0.5 if eps > 0 else float("inf"),
+                          dtype=_stats_dtype(x), device=x.device)
+        return torch.empty_like(x), _empty_stats(x, num_groups), rstd
+    return _backend(x).forward(x, weight, bias, scale, shift, num_groups, eps, activation)
+
+
+@forward.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, activation):
+    stats = x.new_empty(_stats_shape(x, num_groups), dtype=_stats_dtype(x))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op(f"{LIB}::stats", mutates_args=())
+def stats(x: Tensor, num_groups: int) -> Tuple[Tensor, Tensor]:
+    """Per-(n, g) mean and m2 = sum((x - mean)^2) over this tensor's C/G * HW elements."""
+    if x.numel() == 0:
+        return _empty_stats(x, num_groups), _empty_stats(x, num_groups)
+    return _backend(x).stats(x, num_groups)
+
+
+@stats.register_fake
+def _(x, num_groups):
+    out = x.new_empty(_stats_shape(x, num_groups), dtype=_stats_dtype(x))
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op(f"{LIB}::apply", mutates_args=())
+def apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+          scale: Optional[Tensor], shift: Optional[Tensor], num_groups: int, activation: str) -> Tensor:
+    """Normalise x with supplied statistics, then affine, scale/shift, activation."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    mean = mean.to(_stats_dtype(x)).contiguous()
+    rstd = rstd.to(_stats_dtype(x)).contiguous()
+    return _backend(x).apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
+
+
+@apply.register_fake
+def _(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
+    return torch.empty_like(x)
+
+
+# --- backward -------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{LIB}::backward_reduce", mutates_args=())
+def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                    bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                    num_groups: int, activation: str) -> Tuple[Tensor, Tensor]:
+    """Per-(n, c) (sum dz1 * xhat, sum dz1) over this tensor's spatial positions."""
+    if x.numel() == 0:
+        z = torch.zeros(x.shape[:2], dtype=_stats_dtype(x), device=x.device)
+        return z, z.clone()
+    dy = _like_layout(dy, x)
+    return _backend(x).backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
+
+
+@backward_reduce.register_fake
+def _(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
+    out = x.new_empty(tuple(x.shape[:2]), dtype=_stats_dtype(x))
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op(f"{LIB}::backward_dx", mutates_args=())
+def backward_dx(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                sum_dxhat: Tensor, sum_dxhat_xhat: Tensor, count: int, num_groups: int,
+                activation: str) -> Tensor:
+    """dx from the group sums (count = global elements per group, for sharded inputs)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    dy = _like_layout(dy, x)
+    return _backend(x).backward_dx(dy, x, mean, rstd, weight, bias, scale, shift,
+                                   sum_dxhat.contiguous(), sum_dxhat_xhat.contiguous(),
+                                   count, num_groups, activation)
+
+
+@backward_dx.register_fake
+def _(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat, count, num_groups, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{LIB}::backward", mutates_args=())
+def backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+             bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+             num_groups: int, activation: str, need_dx: bool) -> List[Tensor]:
+    """[dx, dweight, dbias, dscale, dshift]; absent parameters get empty tensors."""
+    sum_dz_xhat, sum_dz = backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
+    dweight, dbias, dscale, dshift = grad_terms.param_grads(sum_dz_xhat, sum_dz, weight, bias, scale, shift)
+    if need_dx:
+        s1, s2 = grad_terms.group_sums(sum_dz_xhat, sum_dz, weight, scale, num_groups)
+        dx = backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, s1, s2,
+                         _group_count(x, num_groups), num_groups, activation)
+    else:
+        dx = x.new_empty(0)
+    # A fresh empty tensor for each absent gradient: custom-op outputs may not alias.
+    return [dx] + [x.new_empty(0) if g is None else g for g in (dweight, dbias, dscale, dshift)]
+
+
+@backward.register_fake
+def _(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return [dx] + [x.new_empty(0) if t is None else torch.empty_like(t) for t in (weight, bias, scale, shift)]
+
+
+def _like_layout(dy: Tensor, x: Tensor) -> Tensor:
+    # Kernels read dy with x's strides: bring a dy of another layout to x's (rare: a custom
+    # op's upstream gradient normally has the output's layout, which is x's).
+    if dy.stride() == x.stride():
+        return dy
+    out = torch.empty_like(x, dtype=dy.dtype)
+    out.copy_(dy)
+    return out
+
+
+# --- autograd -------------------------------------------------------------------------
+
+def _setup_forward(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, eps, activation = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
+
+
+def _backward_forward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:5]
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): differentiate the reference composition,
+        # which autograd can differentiate again.
+        return _differentiable_backward(ctx, dy, (x, weight, bias, scale, shift), needs) + (None, None, None)
+    grads = backward(dy, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups, ctx.activation, needs[0])
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+
+
+def _differentiable_backward(ctx, dy, tensors, needs):
+    wanted = [t for t, need in zip(tensors, needs) if need]
+    with torch.enable_grad():
+        y = reference.differentiable_group_norm(*tensors, ctx.num_groups, ctx.eps, ctx.activation)
+        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    out = []
+    for t, need in zip(tensors, needs):
+        g = next(grads) if need else None
+        out.append(torch.zeros_like(t) if need and g is None else g)
+    return tuple(out)
+
+
+forward.register_autograd(_backward_forward, setup_context=_setup_forward)

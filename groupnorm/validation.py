@@ -1,0 +1,118 @@
+"""Argument and input checks, raising what torch raises, before any kernel runs.
+
+Messages name the offending values. Exception types follow torch.nn.functional.group_norm
+on the CPU so code that catches torch's errors keeps working.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class NumGroupsZeroError(ValueError, ZeroDivisionError):
+    """num_groups == 0. torch raises ZeroDivisionError here (from a Python modulo), so we do
+    too, with a message; it is also a ValueError, which is what the mistake is."""
+
+
+def check_num_groups_arg(num_groups) -> None:
+    """num_groups must be a positive Python int (bools excluded)."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"group_norm(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
+    if num_groups == 0:
+        raise NumGroupsZeroError("num_groups must be greater than 0, got 0")
+
+
+def check_module_args(num_groups, num_channels) -> None:
+    """Constructor checks of torch.nn.GroupNorm, plus a clear error for num_groups <= 0."""
+    check_num_groups_arg(num_groups)
+    if num_groups < 0:
+        raise ValueError(f"num_groups must be greater than 0, got {num_groups}")
+    if num_channels % num_groups != 0:
+        raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+
+
+def _check_vector(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"group_norm(): argument '{name}' must be Tensor or None, not {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != x.shape[1]:
+        raise RuntimeError(
+            f"Expected {name} to be a vector of size equal to the number of channels in input, "
+            f"but got {name} of shape {list(t.shape)} and input of shape {list(x.shape)}")
+    _check_device(name, t, x)
+
+
+def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        raise RuntimeError(f"Expected {name} on device {x.device} like the input, but got {name} on {t.device}")
+
+
+def _check_param_dtypes(x: torch.Tensor, weight, bias) -> None:
+    # torch's CPU rule: parameters share the input dtype, or are float32 for a half input.
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            raise RuntimeError(f"group_norm(): {name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype != x.dtype and not (x.dtype in HALF_DTYPES and t.dtype == torch.float32):
+            raise RuntimeError(
+                f"group_norm(): {name} has dtype {t.dtype} but input has dtype {x.dtype}; expected "
+                f"{x.dtype}" + (" or torch.float32" if x.dtype in HALF_DTYPES else ""))
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise RuntimeError(f"group_norm(): weight ({weight.dtype}) and bias ({bias.dtype}) must share a dtype")
+
+
+def _check_scale_shift(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"group_norm(): argument '{name}' must be Tensor or None, not {type(t).__name__}")
+    if tuple(t.shape) != (x.shape[0], x.shape[1]):
+        raise RuntimeError(
+            f"Expected {name} of shape (N, C) = {[x.shape[0], x.shape[1]]} for input of shape "
+            f"{list(x.shape)}, but got {name} of shape {list(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise RuntimeError(f"group_norm(): {name} must be a floating-point tensor, got dtype {t.dtype}")
+    _check_device(name, t, x)
+
+
+def check_inputs(x, num_groups, weight=None, bias=None, scale=None, shift=None, *, training_check=True) -> None:
+    """Every check of F.group_norm, in torch's order, plus our keyword extras."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm(): argument 'input' must be Tensor, not {type(x).__name__}")
+    if x.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}")
+    check_num_groups_arg(num_groups)
+    if training_check:
+        _verify_more_than_one_value(x, num_groups)
+    if num_groups < 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
+    if x.shape[1] % num_groups != 0:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, but got input "
+            f"of shape {list(x.shape)} and num_groups={num_groups}")
+    _check_vector("weight", weight, x)
+    _check_vector("bias", bias, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise NotImplementedError(
+            f"group_norm: input dtype {x.dtype} is not supported; expected one of "
+            f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
+    _check_param_dtypes(x, weight, bias)
+    _check_scale_shift("scale", scale, x)
+    _check_scale_shift("shift", shift, x)
+
+
+def _verify_more_than_one_value(x: torch.Tensor, num_groups: int) -> None:
+    # torch.nn.functional._verify_batch_size on [N * C // G, G, *spatial].
+    if num_groups <= 0:
+        return
+    size_prods = (x.shape[0] * x.shape[1] // num_groups) * math.prod(x.shape[2:])
+    if size_prods == 1:
+        shape: Sequence[int] = [x.shape[0] * x.shape[1] // num_groups, num_groups, *x.shape[2:]]
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
