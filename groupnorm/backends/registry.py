@@ -27,18 +27,23 @@ DEFAULTS: Dict[str, List[str]] = {
     "cuda": ["triton", "reference"],
 }
 
+# The five functions of the backend contract (groupnorm/backends/__init__.py).
+CONTRACT = ("forward", "stats", "apply", "backward_reduce", "backward_dx")
+
 _local = threading.local()
 
 
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> ModuleType | None:
-    """Import a backend by name; None when its dependency (numba, triton) is missing."""
+    """Import a backend by name; None when its dependency (numba, triton) is missing or the
+    module does not provide the whole contract."""
     try:
-        return importlib.import_module(BACKENDS[name])
+        module = importlib.import_module(BACKENDS[name])
     except ImportError:
         if name == "reference":
             raise
         return None
+    return module if all(callable(getattr(module, f, None)) for f in CONTRACT) else None
 
 
 def _override(device_type: str) -> str | None:
