@@ -1,0 +1,192 @@
+"""Launchers: read the layout, allocate outputs, pick a plan, launch. No host syncs.
+
+Every output goes through ``empty`` / ``empty_like`` below (tests swap them for NaN-filled
+allocations, so an element a kernel forgets to write shows up).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import plan
+from .apply_kernels import apply_kernel
+from .backward_kernels import dx_kernel, reduce_combine_kernel, reduce_partial_kernel
+from .epilogue_jit import ACTIVATION_CODES
+from .stats_kernels import fused_forward_kernel, stats_combine_kernel, stats_partial_kernel
+
+Tensor = torch.Tensor
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def empty_like(x: Tensor) -> Tensor:
+    return torch.empty_like(x)  # keeps x's memory format
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return plan.CPU_NUM_SMS
+
+
+class Layout:
+    """(N, C, HW) view of x and its strides in elements; HW is all spatial dims flattened."""
+
+    def __init__(self, x: Tensor, num_groups: int):
+        self.n, self.c = x.shape[0], x.shape[1]
+        self.hw = x.numel() // max(self.n * self.c, 1)
+        self.g = num_groups
+        self.cpg = self.c // num_groups
+        self.group_size = self.cpg * self.hw
+        self.channels_last = not x.is_contiguous()
+        if self.channels_last and not x.movedim(1, -1).is_contiguous():
+            raise ValueError("triton groupnorm expects a contiguous or channels-last x")
+        if self.group_size >= 2 ** 31:
+            raise ValueError("triton groupnorm: one group must hold fewer than 2^31 elements")
+        self.stride_n = self.c * self.hw
+        self.stride_c = 1 if self.channels_last else self.hw
+        self.stride_hw = self.c if self.channels_last else 1
+        self.rows = self.n * self.g
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _same_layout(t: Tensor, lay: Layout) -> Tensor:
+    # dy may arrive in another memory format than x; the kernels index both alike.
+    if lay.channels_last:
+        return t if t.movedim(1, -1).is_contiguous() else t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t.contiguous()
+
+
+def _params(x: Tensor, weight, bias, scale, shift):
+    # (pointer args, flags): absent tensors are replaced by x (never read: flag is off).
+    ts = [t.contiguous() if t is not None else None for t in (weight, bias, scale, shift)]
+    flags = dict(HAS_WEIGHT=ts[0] is not None, HAS_BIAS=ts[1] is not None,
+                 HAS_SCALE=ts[2] is not None, HAS_SHIFT=ts[3] is not None)
+    return [x if t is None else t for t in ts], flags
+
+
+def _stats_split(x: Tensor, lay: Layout, eps: float, write_m2: bool, write_rstd: bool):
+    """Two-stage statistics -> (mean, m2 or None, rstd or None), each (N, G) ACC."""
+    acc = acc_dtype(x.dtype)
+    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device))
+    # Partials are internal scratch: never poisoned, fully written by stage 1.
+    parts = torch.empty((3, lay.rows, p.split), dtype=acc, device=x.device)
+    stats_partial_kernel[(lay.rows, p.split)](
+        x, parts[0], parts[1], parts[2],
+        lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk, p.split,
+        CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, ACC=_acc_tl(x.dtype), BLOCK=p.block,
+        num_warps=p.num_warps)
+    mean = empty((lay.n, lay.g), acc, x.device)
+    m2 = empty((lay.n, lay.g), acc, x.device) if write_m2 else None
+    rstd = empty((lay.n, lay.g), acc, x.device) if write_rstd else None
+    stats_combine_kernel[(lay.rows,)](
+        parts[0], parts[1], parts[2], mean, m2 if write_m2 else mean, rstd if write_rstd else mean,
+        p.split, eps, WRITE_M2=write_m2, WRITE_RSTD=write_rstd,
+        BLOCK_S=triton.next_power_of_2(p.split), num_warps=1)
+    return mean, m2, rstd
+
+
+def stats(x: Tensor, num_groups: int) -> Tuple[Tensor, Tensor]:
+    lay = Layout(x, num_groups)
+    mean, m2, _ = _stats_split(x, lay, 0.0, True, False)
+    return mean, m2
+
+
+def _apply(x, lay: Layout, mean, rstd, weight, bias, scale, shift, activation: str) -> Tensor:
+    y = empty_like(x)
+    ptrs, flags = _params(x, weight, bias, scale, shift)
+    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device))
+    apply_kernel[(lay.rows, p.split)](
+        x, y, mean, rstd, *ptrs,
+        lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk,
+        CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, **flags,
+        ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype), BLOCK=p.block,
+        num_warps=p.num_warps)
+    return y
+
+
+def apply(x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation: str) -> Tensor:
+    lay = Layout(x, num_groups)
+    return _apply(x, lay, mean.contiguous(), rstd.contiguous(), weight, bias, scale, shift, activation)
+
+
+def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activation: str):
+    lay = Layout(x, num_groups)
+    if not plan.use_fused(lay.group_size):
+        mean, _, rstd = _stats_split(x, lay, eps, False, True)
+        y = _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation)
+        return y, mean, rstd
+    acc = acc_dtype(x.dtype)
+    y = empty_like(x)
+    mean = empty((lay.n, lay.g), acc, x.device)
+    rstd = empty((lay.n, lay.g), acc, x.device)
+    ptrs, flags = _params(x, weight, bias, scale, shift)
+    p = plan.fused_plan(lay.group_size)
+    fused_forward_kernel[(lay.rows,)](
+        x, y, *ptrs, mean, rstd,
+        lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, eps,
+        CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, **flags,
+        ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype), BLOCK=p.block,
+        num_warps=p.num_warps)
+    return y, mean, rstd
+
+
+def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation: str):
+    lay = Layout(x, num_groups)
+    dy = _same_layout(dy, lay)
+    acc = acc_dtype(x.dtype)
+    ptrs, flags = _params(x, weight, bias, scale, shift)
+    p = plan.reduce_plan(lay.n, lay.c, lay.hw, lay.channels_last, num_sms(x.device))
+    # With one split the partials are the result (no second launch); else they are scratch.
+    alloc = empty if p.split == 1 else (lambda s, d, dev: torch.empty(s, dtype=d, device=dev))
+    p1 = alloc((lay.n, p.split, lay.c), acc, x.device)
+    p0 = alloc((lay.n, p.split, lay.c), acc, x.device)
+    reduce_partial_kernel[(lay.n, triton.cdiv(lay.c, p.block_c), p.split)](
+        dy, x, mean.contiguous(), rstd.contiguous(), *ptrs, p1, p0,
+        lay.c, lay.hw, lay.g, lay.stride_n, lay.stride_c, lay.stride_hw, p.chunk_hw, p.split,
+        CPG=lay.cpg, **flags, ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype),
+        BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=p.num_warps)
+    if p.split == 1:
+        return p1.view(lay.n, lay.c), p0.view(lay.n, lay.c)
+    s1 = empty((lay.n, lay.c), acc, x.device)
+    s0 = empty((lay.n, lay.c), acc, x.device)
+    block = min(1024, triton.next_power_of_2(lay.c))
+    reduce_combine_kernel[(lay.n, triton.cdiv(lay.c, block))](
+        p1, p0, s1, s0, lay.c, p.split, ACC=_acc_tl(x.dtype), BLOCK=block,
+        num_warps=max(1, min(8, block // 128)))
+    return s1, s0
+
+
+def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat,
+                count: int, num_groups: int, activation: str) -> Tensor:
+    lay = Layout(x, num_groups)
+    dy = _same_layout(dy, lay)
+    dx = empty_like(x)
+    ptrs, flags = _params(x, weight, bias, scale, shift)
+    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device))
+    dx_kernel[(lay.rows, p.split)](
+        dy, x, dx, mean.contiguous(), rstd.contiguous(), *ptrs,
+        sum_dxhat.contiguous(), sum_dxhat_xhat.contiguous(), int(count),
+        lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk,
+        CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, **flags,
+        ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype), BLOCK=p.block,
+        num_warps=p.num_warps)
+    return dx
