@@ -204,3 +204,8 @@ def _differentiable_backward(ctx, dy, tensors, needs):
 
 
 forward.register_autograd(_backward_forward, setup_context=_setup_forward)
+
+# Autocast rules (cast to float32 on CUDA, as torch does for group_norm) need the ops above.
+from . import autocast as _autocast  # noqa: E402
+
+_autocast.register()
