@@ -12,6 +12,9 @@ from . import ops  # noqa: F401  (registers the torch.library ops)
 from .epilogue import ACTIVATIONS
 from .functional import group_norm
 from .modules import GroupNorm
+# Eager, because the submodule shares the function's name: importing groupnorm.convert makes
+# the package attribute `convert` the module, unless the function is bound after it (here).
+from .convert import convert, revert  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -19,14 +22,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "GroupNormAct": "groupnorm.fused_modules",
     "AdaGroupNorm": "groupnorm.fused_modules",
-    "convert": "groupnorm.convert",
-    "revert": "groupnorm.convert",
     "GroupStats": "groupnorm.stats",
     "group_stats": "groupnorm.stats",
     "merge_stats": "groupnorm.stats",
 }
 
-__all__ = ["GroupNorm", "group_norm", "ACTIVATIONS", "__version__", *_LAZY]
+__all__ = ["GroupNorm", "group_norm", "ACTIVATIONS", "convert", "revert", "__version__", *_LAZY]
 
 
 def __getattr__(name):
