@@ -1,0 +1,228 @@
+"""Exact GroupNorm statistics that can be collected in parts and merged.
+
+Why: a tensor normalised in tiles (tiled VAE decoding) or in shards (patch parallelism)
+must use the statistics of the whole tensor, or every tile boundary becomes a seam. Each
+part yields ``GroupStats`` (count, mean, m2 = sum of squared deviations, per (n, g)); parts
+combine exactly with Chan's parallel formula, never through E[x^2] - E[x]^2.
+
+    stats = merge_stats([group_stats(tile, G, mask=owned) for tile, owned in tiles])
+    y_tile = group_norm(tile, G, weight, bias, eps, stats=stats)   # same as on the whole
+
+Dtypes: statistics are float32, or float64 for a float64 input (the kernels' accumulation
+dtype); ``merge_stats`` merges in float64 and returns the widest dtype among its parts.
+Errors in the arguments of these functions (wrong types, shapes, empty lists) are
+``ValueError`` (``TypeError`` for a non-GroupStats ``stats``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import grad_terms, ops, validation
+from .reference import acc_dtype
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-(n, g) statistics of some set of elements, each field (N, G).
+
+    count: number of elements; mean: their mean; m2: sum((x - mean)^2) over them.
+    """
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @property
+    def var(self) -> Tensor:
+        """Biased variance m2 / count (what GroupNorm divides by); 0 where count is 0."""
+        return self.m2 / self.count.clamp(min=1)
+
+    def rstd(self, eps: float = 1e-5) -> Tensor:
+        """1 / sqrt(var + eps), as GroupNorm computes it."""
+        return torch.rsqrt(self.var + eps)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mean.shape
+
+    def to(self, *args, **kwargs) -> "GroupStats":
+        """All three fields moved/cast like ``Tensor.to``."""
+        return GroupStats(*(t.to(*args, **kwargs) for t in (self.count, self.mean, self.m2)))
+
+
+# --- collecting -----------------------------------------------------------------------
+
+def group_stats(x: Tensor, num_groups: int, mask: Optional[Tensor] = None) -> GroupStats:
+    """Statistics of ``x`` (N, C, *spatial) per (sample, group).
+
+    ``mask`` (bool) selects the spatial positions that count, e.g. the region a tile owns
+    when tiles overlap. It broadcasts against ``(N, *spatial)``, so a mask of the spatial
+    shape applies to every sample and one with a leading N dimension gives each sample its
+    own. Without a mask the kernels' statistics op runs; with one, a masked shifted
+    two-pass in torch ops (mean first, then squared deviations from it).
+    """
+    validation.check_inputs(x, num_groups, training_check=False)
+    n = x.shape[0]
+    per_group = x.shape[1] // num_groups
+    acc = acc_dtype(x.dtype)
+    if mask is None:
+        from .functional import kernel_layout
+
+        mean, m2 = ops.stats(kernel_layout(x), num_groups)
+        count = torch.full((n, num_groups), float(per_group * _spatial_numel(x)), dtype=acc, device=x.device)
+        return GroupStats(count, mean, m2)
+    return _masked_stats(x, num_groups, _check_mask(mask, x), acc)
+
+
+def _spatial_numel(x: Tensor) -> int:
+    size = 1
+    for s in x.shape[2:]:
+        size *= s
+    return size
+
+
+def _check_mask(mask, x: Tensor) -> Tensor:
+    # The mask as a bool (N, S) tensor on x's device, S = prod(spatial).
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    target = (x.shape[0], *x.shape[2:])
+    try:
+        full = mask.to(x.device).broadcast_to(target)
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {list(mask.shape)} does not broadcast to (N, *spatial) = {list(target)} "
+            f"for input of shape {list(x.shape)}") from None
+    return full.reshape(x.shape[0], -1)
+
+
+def _masked_stats(x: Tensor, num_groups: int, mask: Tensor, acc: torch.dtype) -> GroupStats:
+    # x: (N, C, *), mask: (N, S). Shifted two-pass: no cancellation for large means.
+    n, c = x.shape[0], x.shape[1]
+    xg = x.reshape(n, num_groups, c // num_groups, -1).to(acc)
+    m = mask[:, None, None, :]
+    count = mask.sum(dim=1, dtype=torch.int64).mul(c // num_groups)  # (N,), exact integers
+    count = count[:, None].expand(n, num_groups).to(acc)
+    safe = count.clamp(min=1)
+    zero = xg.new_zeros(())
+    mean = torch.where(m, xg, zero).sum(dim=(2, 3)) / safe
+    m2 = torch.where(m, (xg - mean[:, :, None, None]).square(), zero).sum(dim=(2, 3))
+    return GroupStats(count.contiguous(), mean, m2)
+
+
+# --- merging --------------------------------------------------------------------------
+
+def merge_stats(parts: Sequence[GroupStats]) -> GroupStats:
+    """Statistics of the union of disjoint parts, exactly (Chan et al.'s pairwise update).
+
+    Parts are folded left to right in float64, so the result is deterministic and correct
+    to float32 rounding whatever the parts' sizes; parts with count 0 contribute nothing.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_stats needs at least one GroupStats, got an empty sequence")
+    for i, p in enumerate(parts):
+        _check_stats(p, f"parts[{i}]")
+        if p.shape != parts[0].shape:
+            raise ValueError(
+                f"merge_stats: parts[{i}] has shape {list(p.shape)} but parts[0] has {list(parts[0].shape)}")
+    out = max((p.mean.dtype for p in parts), key=lambda d: torch.finfo(d).bits)
+    count, mean, m2 = merge64([(p.count, p.mean, p.m2) for p in parts])
+    return GroupStats(count.to(out), mean.to(out), m2.to(out))
+
+
+def merge64(parts: Sequence[Tuple[Tensor, Tensor, Tensor]]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Chan's fold of (count, mean, m2) triples, in float64, in list order.
+
+    For parts a, b with n = na + nb and delta = mean_b - mean_a:
+        mean = mean_a + delta * nb / n,   m2 = m2_a + m2_b + delta^2 * na * nb / n
+    """
+    device = parts[0][1].device
+    count, mean, m2 = (t.to(device=device, dtype=torch.float64) for t in parts[0])
+    mean, m2 = _zero_empty(count, mean, m2)
+    for part in parts[1:]:
+        nb, mb, m2b = (t.to(device=device, dtype=torch.float64) for t in part)
+        mb, m2b = _zero_empty(nb, mb, m2b)
+        n = count + nb
+        safe = n.clamp(min=1)
+        delta = mb - mean
+        mean = mean + delta * (nb / safe)
+        m2 = m2 + m2b + delta.square() * (count * nb / safe)
+        count = n
+    return count, mean, m2
+
+
+def _zero_empty(count: Tensor, mean: Tensor, m2: Tensor):
+    # A part without elements has no mean: make sure whatever it holds cannot leak in.
+    empty = count == 0
+    return mean.masked_fill(empty, 0.0), m2.masked_fill(empty, 0.0)
+
+
+def _check_stats(stats, name: str = "stats") -> None:
+    if not isinstance(stats, GroupStats):
+        raise TypeError(f"{name} must be a groupnorm.GroupStats, got {type(stats).__name__}")
+    shapes = {f: tuple(getattr(stats, f).shape) for f in ("count", "mean", "m2")}
+    if len(set(shapes.values())) != 1 or len(shapes["mean"]) != 2:
+        raise ValueError(f"{name}: count, mean and m2 must all be (N, G), got shapes {shapes}")
+
+
+# --- normalising with supplied statistics -----------------------------------------------
+
+def group_norm_with_stats(x: Tensor, num_groups: int, weight, bias, eps: float, act: str,
+                          scale, shift, stats: GroupStats) -> Tensor:
+    """``group_norm(..., stats=stats)``: normalise x with statistics collected elsewhere.
+
+    The statistics are constants to autograd: gradients flow to x, weight, bias, scale and
+    shift as if mean and rstd did not depend on x (right for tiled inference, where the
+    statistics come from the whole tensor; use the sharded path to train across parts).
+    Fields on another device are moved to x's.
+    """
+    _check_stats(stats)
+    expected = (x.shape[0], num_groups)
+    if tuple(stats.shape) != expected:
+        raise ValueError(
+            f"stats have shape {list(stats.shape)} but input of shape {list(x.shape)} with "
+            f"num_groups={num_groups} needs (N, G) = {list(expected)}")
+    acc = acc_dtype(x.dtype)
+    s = stats.to(device=x.device, dtype=torch.float64)
+    mean = s.mean.to(acc).contiguous()
+    rstd = s.rstd(float(eps)).to(acc).contiguous()
+    return _ApplyWithStats.apply(x, weight, bias, scale, shift, mean.detach(), rstd.detach(),
+                                 num_groups, act)
+
+
+class _ApplyWithStats(torch.autograd.Function):
+    """y = apply(x, mean, rstd, ...) with mean and rstd held constant.
+
+    With constant statistics dx = rstd * dxhat: ``backward_dx`` with both group sums zero.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, mean, rstd, num_groups, act):
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.num_groups, ctx.act = num_groups, act
+        return ops.apply(x, mean, rstd, weight, bias, scale, shift, num_groups, act)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        g, act = ctx.num_groups, ctx.act
+        needs = ctx.needs_input_grad
+        grads = [None] * 9
+        if needs[0]:
+            zeros = torch.zeros_like(mean)
+            grads[0] = ops.backward_dx(dy, x, mean, rstd, weight, bias, scale, shift,
+                                       zeros, zeros.clone(), 1, g, act)
+        if any(needs[1:5]):
+            a, b = ops.backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, g, act)
+            params = grad_terms.param_grads(a, b, weight, bias, scale, shift)
+            for i, grad in enumerate(params, start=1):
+                grads[i] = grad if needs[i] else None
+        return tuple(grads)

@@ -1,0 +1,173 @@
+"""Sharded GroupNorm (process_group=) against single-process GroupNorm on the whole tensor.
+
+Each world size spawns its ranks once (gloo on loopback, file rendezvous in tmp_path) and
+runs every case in them; ranks write their results to files that the test compares with
+``groupnorm.group_norm`` on the concatenated tensor: each rank's output and dx equal the
+matching slice, and dweight/dbias/dscale/dshift summed over ranks equal the whole.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import groupnorm
+from groupnorm.backends import registry
+
+TIMEOUT_S = int(os.environ.get("GN_T", 120))
+WORLDS = (2, 3, 4)
+REL = 1e-6  # of each tensor's largest magnitude: float32 differences in summation order
+
+
+def assert_close(actual, expected):
+    """Within REL of the tensor's scale (absolute floor REL), element by element."""
+    atol = REL * max(1.0, expected.abs().max().item()) if expected.numel() else REL
+    torch.testing.assert_close(actual, expected, rtol=REL, atol=atol)
+
+
+def assert_no_worse(actual, single, truth):
+    """Oracle for long float32 sums (weight/bias gradients add N * HW terms, so float32
+    rounding alone differs by more than 1e-6 between summation orders): as close to the
+    float64 truth as single-process float32 is, up to a factor 2 and REL of the scale."""
+    err = (actual.double() - truth).abs().max().item()
+    ref_err = (single.double() - truth).abs().max().item()
+    assert err <= 2 * ref_err + REL * max(1.0, truth.abs().max().item()), (err, ref_err)
+
+# name -> (shape with the split dim's total left to the sizes, split dim, sizes per world)
+SPLITS = {
+    2: {"h": [37, 27], "w": [5, 14], "d": [3, 4]},
+    3: {"h": [37, 64, 27], "w": [9, 0, 10], "d": [1, 4, 2]},
+    4: {"h": [37, 64, 27, 13], "w": [2, 7, 3, 7], "d": [2, 0, 3, 2]},
+}
+
+
+def _cases(world: int):
+    # Fresh random inputs with a non-zero mean; every case is (name, tensors, split dim, sizes, kwargs).
+    g = torch.Generator().manual_seed(1234 + world)
+    sizes = SPLITS[world]
+
+    def rand(*shape, dtype=torch.float32):
+        return (-2.3 + 0.7 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+    def params(c, dtype=torch.float32):
+        return 1.0 + 0.3 * rand(c, dtype=torch.float64).to(dtype), rand(c, dtype=dtype)
+
+    cases = []
+    h = sum(sizes["h"])
+    w, b = params(8)
+    cases.append(("h_uneven", dict(x=rand(2, 8, h, 6), weight=w, bias=b), 2, sizes["h"], dict(num_groups=4)))
+    wsum = sum(sizes["w"])
+    w, b = params(12)
+    cases.append(("w_fused", dict(x=rand(2, 12, 5, wsum), weight=w, bias=b, scale=0.2 * rand(2, 12),
+                                  shift=rand(2, 12)), 3, sizes["w"], dict(num_groups=3, activation="silu")))
+    d = sum(sizes["d"])
+    cases.append(("d_5d_noaffine", dict(x=rand(3, 4, d, 3, 4)), 2, sizes["d"], dict(num_groups=2)))
+    w, b = params(8, torch.float64)
+    cases.append(("h_float64", dict(x=rand(1, 8, h, 3, dtype=torch.float64), weight=w, bias=b), 2, sizes["h"],
+                  dict(num_groups=8, eps=1e-3)))
+    for name, t, *_ in cases:
+        t["dy"] = rand(*t["x"].shape, dtype=t["x"].dtype)
+    return cases
+
+
+def _forward_backward(tensors, kwargs, **extra):
+    """(y, grads by name) of group_norm with a weighted-sum loss."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items() if k != "dy"}
+    x = leaves.pop("x")
+    y = groupnorm.group_norm(x, kwargs["num_groups"], leaves.get("weight"), leaves.get("bias"),
+                             kwargs.get("eps", 1e-5), activation=kwargs.get("activation"),
+                             scale=leaves.get("scale"), shift=leaves.get("shift"), **extra)
+    (y * tensors["dy"]).sum().backward()
+    return y.detach(), {"x": x.grad, **{k: v.grad for k, v in leaves.items()}}
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # The reference kernels: a JIT compile per spawned rank would dominate the run time, and
+    # the sharded path reaches kernels only through the ops, whose backends are tested apart.
+    os.environ["GROUPNORM_BACKEND_CPU"] = "reference"
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        results = {}
+        for size in WORLDS:
+            # Smaller worlds run on subgroups of the first ranks (every rank must create each).
+            group = dist.group.WORLD if size == world else dist.new_group(list(range(size)))
+            if rank < size:
+                results[size] = _run_cases(size, rank, group)
+        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_cases(world: int, rank: int, group) -> dict:
+    results = {}
+    for name, tensors, dim, sizes, kwargs in _cases(world):
+        local = {k: (v.split(sizes, dim=dim)[rank] if k in ("x", "dy") else v) for k, v in tensors.items()}
+        results[name] = _forward_backward(local, kwargs, process_group=group)
+    # The module argument, on the first case.
+    _, tensors, dim, sizes, kwargs = _cases(world)[0]
+    module = groupnorm.GroupNorm(kwargs["num_groups"], tensors["x"].shape[1], process_group=group)
+    with torch.no_grad():
+        module.weight.copy_(tensors["weight"])
+        module.bias.copy_(tensors["bias"])
+    results["module"] = module(tensors["x"].split(sizes, dim=dim)[rank]).detach()
+    return results
+
+
+def _spawn(world: int, folder) -> list:
+    """Run _worker on `world` ranks; each rank's results, or a failure within TIMEOUT_S."""
+    ctx = mp.start_processes(_worker, args=(world, str(folder)), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def all_results(tmp_path_factory):
+    """One spawn of max(WORLDS) ranks serves every world size (importing torch per rank is
+    the slow part on a small machine)."""
+    return _spawn(max(WORLDS), tmp_path_factory.mktemp("ranks"))
+
+
+@pytest.fixture(params=WORLDS, ids=lambda w: f"world{w}")
+def world_results(request, all_results):
+    world = request.param
+    return world, [res[world] for res in all_results[:world]]
+
+
+@pytest.mark.parametrize("case", ["h_uneven", "w_fused", "d_5d_noaffine", "h_float64"])
+def test_sharded_matches_single_process(world_results, case):
+    world, results = world_results
+    name, tensors, dim, sizes, kwargs = next(c for c in _cases(world) if c[0] == case)
+    with registry.use_backend("reference"):
+        y_ref, grads_ref = _forward_backward(tensors, kwargs)
+        _, grads_truth = _forward_backward({k: v.double() for k, v in tensors.items()}, kwargs)
+    for rank, res in enumerate(results):
+        y, grads = res[name]
+        assert_close(y, y_ref.split(sizes, dim=dim)[rank])
+        assert_close(grads["x"], grads_ref["x"].split(sizes, dim=dim)[rank])
+    for param in set(grads_ref) - {"x"}:
+        total = sum(res[name][1][param] for res in results)
+        assert_no_worse(total, grads_ref[param], grads_truth[param])
+
+
+def test_sharded_module(world_results):
+    world, results = world_results
+    _, tensors, dim, sizes, kwargs = _cases(world)[0]
+    y_ref = torch.nn.functional.group_norm(tensors["x"], kwargs["num_groups"], tensors["weight"], tensors["bias"])
+    for rank, res in enumerate(results):
+        assert_close(res["module"], y_ref.split(sizes, dim=dim)[rank])
