@@ -15,7 +15,8 @@ from numba.extending import intrinsic
 F32_EXP_MASK = 0x7F800000
 F32_ABS_MASK = 0x7FFFFFFF
 BF16_QNAN = 0x7FC0            # the canonical quiet NaN torch writes for bfloat16
-F16_QNAN = 0x7E00             # the canonical quiet NaN for float16 (sign kept)
+F16_QNAN = 0x7E00             # float16 quiet-NaN exponent + quiet bit (sign kept)
+F32_QUIET_BIT = 0x00400000
 F16_INF = 0x7C00
 F16_OVERFLOW = 0x477FF000     # |x| >= 65520 (halfway past the largest half) rounds to inf
 F16_MIN_NORMAL_AS_F32 = 0x38800000   # 2**-14
@@ -54,13 +55,13 @@ def f32_to_bits(typingctx, value):
     return types.int64(value), codegen
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def bf16_to_f32(h):
     """bfloat16 bits -> float32: the bf16 pattern is the top half of the float32 one."""
     return bits_to_f32((np.int64(h) & 0xFFFF) << 16)
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def f32_to_bf16(x):
     """float32 -> bfloat16 bits, round to nearest even; NaN becomes the canonical quiet NaN."""
     b = f32_to_bits(np.float32(x))
@@ -71,15 +72,16 @@ def f32_to_bf16(x):
     return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def f16_to_f32(h):
     """float16 bits -> float32, exact for normals, subnormals, zeros, inf and NaN."""
     u = np.int64(h) & 0xFFFF
     sign = (u & 0x8000) << 16
     exponent = (u >> 10) & 0x1F
     mantissa = u & 0x3FF
-    if exponent == 0x1F:                  # inf / NaN: keep the payload
-        return bits_to_f32(sign | F32_EXP_MASK | (mantissa << 13))
+    if exponent == 0x1F:                  # inf / NaN: keep the payload, quiet a NaN (as torch)
+        quiet = F32_QUIET_BIT if mantissa else 0
+        return bits_to_f32(sign | F32_EXP_MASK | quiet | (mantissa << 13))
     if exponent != 0:                     # normal: rebias the exponent
         return bits_to_f32(sign | ((exponent << 23) + F16_REBIAS) | (mantissa << 13))
     # zero or subnormal: mantissa * 2**-24 is exact in float32
@@ -87,14 +89,14 @@ def f16_to_f32(h):
     return -magnitude if sign else magnitude
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def f32_to_f16(x):
     """float32 -> float16 bits, round to nearest even, overflow to inf, NaN kept quiet."""
     b = f32_to_bits(np.float32(x))
     sign = (b >> 16) & 0x8000
     a = b & F32_ABS_MASK
-    if a > F32_EXP_MASK:
-        out = F16_QNAN
+    if a > F32_EXP_MASK:                  # NaN: keep the top payload bits, quieted (as torch)
+        out = F16_QNAN | ((a >> 13) & 0x3FF)
     elif a >= F16_OVERFLOW:
         out = F16_INF
     elif a >= F16_MIN_NORMAL_AS_F32:

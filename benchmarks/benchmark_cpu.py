@@ -1,0 +1,32 @@
+"""Numba CPU GroupNorm vs ATen on the CPU suite; prints a markdown table for BENCHMARKS.md.
+
+    python benchmarks/benchmark_cpu.py            # CPU_SUITE
+    python benchmarks/benchmark_cpu.py --quick    # QUICK_SUITE
+"""
+from __future__ import annotations
+
+import argparse
+
+import numba
+import torch
+
+from groupnorm.bench.cpu import format_table, run_cpu_benchmark, summary
+from groupnorm.bench.suite import CPU_SUITE, QUICK_SUITE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="run QUICK_SUITE instead of CPU_SUITE")
+    parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per side")
+    args = parser.parse_args()
+    cases = QUICK_SUITE if args.quick else CPU_SUITE
+    print(f"torch {torch.__version__}, numba {numba.__version__}, "
+          f"threads torch={torch.get_num_threads()} numba={numba.get_num_threads()}")
+    rows = run_cpu_benchmark(cases, budget_s=args.budget)
+    print(format_table(rows))
+    print()
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()

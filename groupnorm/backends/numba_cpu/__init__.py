@@ -1,0 +1,12 @@
+"""Numba CPU backend: the five contract functions (see ``groupnorm.backends``).
+
+Modules, one job each: ``bits`` (half <-> float32 bit conversion), ``elements`` (typed
+load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
+``forward_kernels``, ``backward_kernels``, ``threads``, ``alloc`` and ``launch`` (the torch
+glue). ``warmup()`` compiles the common signatures and returns the seconds it took.
+"""
+from .launch import apply, backward_dx, backward_reduce, forward, stats
+from .warmup import compile_time_report, warmup
+
+__all__ = ["forward", "stats", "apply", "backward_reduce", "backward_dx", "warmup",
+           "compile_time_report"]

@@ -1,0 +1,170 @@
+"""Backward of GroupNorm + epilogue without saved activations.
+
+Derivation. With xhat = (x - mean) * rstd, z0 = xhat * w + b, z1 = z0 * (1 + s) + t and
+y = act(z1):
+    dz1   = dy * act'(z1)            z1 recomputed in registers as (x - mean) * A + B
+    dxhat = dz1 * (1 + s) * w        so  rstd * dxhat = dz1 * A   (A = rstd * w * (1 + s))
+The weight/bias/scale/shift gradients and the group sums all come from two per-(n, c)
+sums over HW:  S1 = sum(dz1 * xhat) = rstd * sum(dz1 * (x - mean))  and  S0 = sum(dz1).
+GroupNorm's input gradient, per group of `count` elements, is
+    dx = rstd * (dxhat - sum_g(dxhat) / count - xhat * sum_g(dxhat * xhat) / count)
+       = dz1 * A + (x - mean) * P + Q
+with P = -rstd^2 * sum_g(dxhat * xhat) / count and Q = -rstd * sum_g(dxhat) / count (see
+coefs.dx_coefs). The group sums are formed by the caller from S1, S0 (in torch, (N, C)
+sized), so they can be all-reduced across ranks between the two kernels.
+
+Determinism: contiguous rows are summed by one task each; channels-last sums are formed
+per fixed block of pixels and merged in block order, independent of the thread count.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .activations import NONE, grad_block
+from .elements import load, store
+
+BLOCK = 512           # staging buffer length for act'(z1)
+PIXEL_CHUNK = 4096    # channels-last: elements per parallel task (rows = PIXEL_CHUNK // C)
+JIT = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
+
+
+@njit(parallel=True, **JIT)
+def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
+    """Contiguous layout. dy, x: (N*C, HW); coefficients and outputs: (N*C,)."""
+    rows, length = x.shape
+    for r in prange(rows):
+        xr = x[r]
+        dr = dy[r]
+        m = mean_c[r]
+        s_xc = zero
+        s_dz = zero
+        if act == NONE:
+            for i in range(length):
+                g = load(dr, i)
+                s_xc += g * (load(xr, i) - m)
+                s_dz += g
+        else:
+            ar = a[r]
+            br = b[r]
+            buf = np.empty(BLOCK, a.dtype)
+            for lo in range(0, length, BLOCK):
+                count = min(BLOCK, length - lo)
+                for j in range(count):
+                    buf[j] = (load(xr, lo + j) - m) * ar + br
+                grad_block(buf, count, act)
+                for j in range(count):
+                    g = load(dr, lo + j) * buf[j]
+                    s_xc += g * (load(xr, lo + j) - m)
+                    s_dz += g
+        sum_dz_xhat[r] = s_xc * rstd_c[r]
+        sum_dz[r] = s_dz
+
+
+@njit(parallel=True, **JIT)
+def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
+    """Channels-last layout. dy, x: (N, HW, C); coefficients and outputs: (N, C)."""
+    n_batch, hw, channels = x.shape
+    block_rows = max(1, PIXEL_CHUNK // channels)
+    blocks = (hw + block_rows - 1) // block_rows
+    part_xc = np.empty((n_batch, blocks, channels), a.dtype)
+    part_dz = np.empty((n_batch, blocks, channels), a.dtype)
+    for task in prange(n_batch * blocks):
+        n = task // blocks
+        k = task - n * blocks
+        lo = k * block_rows
+        hi = min(lo + block_rows, hw)
+        mc = mean_c[n]
+        an = a[n]
+        bn = b[n]
+        acc_xc = part_xc[n, k]
+        acc_dz = part_dz[n, k]
+        for c in range(channels):
+            acc_xc[c] = zero
+            acc_dz[c] = zero
+        buf = np.empty(channels, a.dtype)
+        for r in range(lo, hi):
+            xr = x[n, r]
+            dr = dy[n, r]
+            if act == NONE:
+                for c in range(channels):
+                    g = load(dr, c)
+                    acc_xc[c] += g * (load(xr, c) - mc[c])
+                    acc_dz[c] += g
+            else:
+                for c in range(channels):
+                    buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
+                grad_block(buf, channels, act)
+                for c in range(channels):
+                    g = load(dr, c) * buf[c]
+                    acc_xc[c] += g * (load(xr, c) - mc[c])
+                    acc_dz[c] += g
+    for n in range(n_batch):
+        for c in range(channels):
+            sum_dz_xhat[n, c] = zero
+            sum_dz[n, c] = zero
+        for k in range(blocks):           # fixed merge order
+            for c in range(channels):
+                sum_dz_xhat[n, c] += part_xc[n, k, c]
+                sum_dz[n, c] += part_dz[n, k, c]
+        for c in range(channels):
+            sum_dz_xhat[n, c] *= rstd_c[n, c]
+
+
+@njit(parallel=True, **JIT)
+def dx_rows(dy, x, dx, mean_c, a, b, p, q, act):
+    """Contiguous layout. dy, x, dx: (N*C, HW); coefficients: (N*C,)."""
+    rows, length = x.shape
+    for r in prange(rows):
+        xr = x[r]
+        dr = dy[r]
+        out = dx[r]
+        m = mean_c[r]
+        ar = a[r]
+        pr = p[r]
+        qr = q[r]
+        if act == NONE:
+            for i in range(length):
+                store(out, i, load(dr, i) * ar + (load(xr, i) - m) * pr + qr)
+        else:
+            br = b[r]
+            buf = np.empty(BLOCK, a.dtype)
+            for lo in range(0, length, BLOCK):
+                count = min(BLOCK, length - lo)
+                for j in range(count):
+                    buf[j] = (load(xr, lo + j) - m) * ar + br
+                grad_block(buf, count, act)
+                for j in range(count):
+                    xc = load(xr, lo + j) - m
+                    store(out, lo + j, load(dr, lo + j) * buf[j] * ar + xc * pr + qr)
+
+
+@njit(parallel=True, **JIT)
+def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act):
+    """Channels-last layout. dy, x, dx: (N, HW, C); coefficients: (N, C)."""
+    n_batch, hw, channels = x.shape
+    block_rows = max(1, PIXEL_CHUNK // channels)
+    blocks = (hw + block_rows - 1) // block_rows
+    for task in prange(n_batch * blocks):
+        n = task // blocks
+        lo = (task - n * blocks) * block_rows
+        hi = min(lo + block_rows, hw)
+        mc = mean_c[n]
+        an = a[n]
+        bn = b[n]
+        pn = p[n]
+        qn = q[n]
+        buf = np.empty(channels, a.dtype)
+        for r in range(lo, hi):
+            xr = x[n, r]
+            dr = dy[n, r]
+            out = dx[n, r]
+            if act == NONE:
+                for c in range(channels):
+                    store(out, c, load(dr, c) * an[c] + (load(xr, c) - mc[c]) * pn[c] + qn[c])
+            else:
+                for c in range(channels):
+                    buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
+                grad_block(buf, channels, act)
+                for c in range(channels):
+                    store(out, c, load(dr, c) * buf[c] * an[c] + (load(xr, c) - mc[c]) * pn[c] + qn[c])

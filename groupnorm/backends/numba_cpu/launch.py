@@ -1,0 +1,173 @@
+"""torch <-> numpy glue: zero-copy views, output allocation, dispatch by memory format.
+
+Tensors are viewed, never copied: float32/float64 through ``.numpy()``, bfloat16 as a
+uint16 view and float16 as an int16 view of the same bytes (the kernels convert bits).
+Contiguous inputs become (N*C, HW) / (N*G, C/G*HW) row views, channels-last inputs an
+(N, HW, C) view; outputs are allocated like x, so they keep its memory format.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import alloc
+from .activations import CODES
+from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
+from .coefs import dx_coefs, z1_coefs
+from .apply_kernels import apply_channels_last, apply_rows
+from .forward_kernels import forward_channels_last, forward_rows
+from .stats_kernels import stats_channels_last, stats_rows
+from .threads import sync_with_torch
+
+_EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+_ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of t's memory; half types as their raw bits."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Contiguous wins when both hold (C == 1 or HW == 1): then the layouts coincide."""
+    return not x.is_contiguous()
+
+
+def spatial_size(x: torch.Tensor) -> int:
+    hw = 1
+    for s in x.shape[2:]:
+        hw *= int(s)
+    return hw
+
+
+def rows_view(x: torch.Tensor, rows: int) -> np.ndarray:
+    """Contiguous x as (rows, numel / rows)."""
+    return as_numpy(x.detach().view(rows, -1))
+
+
+def pixels_view(x: torch.Tensor) -> np.ndarray:
+    """Channels-last x as (N, HW, C), no copy."""
+    n, c = x.shape[0], x.shape[1]
+    return as_numpy(x.detach().movedim(1, -1).view(n, spatial_size(x), c))
+
+
+def param(t, acc: torch.dtype) -> np.ndarray:
+    """weight/bias (C,) or scale/shift (N, C) as a flat array in the accumulation dtype."""
+    if t is None:
+        return _EMPTY[acc]
+    return t.detach().to(acc).contiguous().view(-1).numpy()
+
+
+def stat(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
+    return t.detach().to(acc).contiguous().numpy()
+
+
+def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
+    sync_with_torch()
+    n, c = x.shape[0], x.shape[1]
+    acc = acc_dtype(x.dtype)
+    y = alloc.empty_like(x)
+    mean = alloc.empty((n, num_groups), acc)
+    rstd = alloc.empty((n, num_groups), acc)
+    w, b, s, t = param(weight, acc), param(bias, acc), param(scale, acc), param(shift, acc)
+    act = CODES[activation]
+    if is_channels_last(x):
+        forward_channels_last(pixels_view(x), pixels_view(y), w, b, s, t, float(eps), act,
+                              _ZERO[acc], mean.numpy(), rstd.numpy())
+    else:
+        forward_rows(rows_view(x, n * num_groups), rows_view(x, n * c), rows_view(y, n * c),
+                     w, b, s, t, float(eps), act, _ZERO[acc], mean.numpy(), rstd.numpy())
+    return y, mean, rstd
+
+
+def stats(x, num_groups):
+    sync_with_torch()
+    n = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    mean = alloc.empty((n, num_groups), acc)
+    m2 = alloc.empty((n, num_groups), acc)
+    if is_channels_last(x):
+        stats_channels_last(pixels_view(x), num_groups, mean.numpy(), m2.numpy(), _ZERO[acc])
+    else:
+        stats_rows(rows_view(x, n * num_groups), mean.view(-1).numpy(), m2.view(-1).numpy(), _ZERO[acc])
+    return mean, m2
+
+
+def _coefs(x, mean, rstd, weight, bias, scale, shift):
+    acc = acc_dtype(x.dtype)
+    return z1_coefs(stat(mean, acc), stat(rstd, acc), param(weight, acc), param(bias, acc),
+                    param(scale, acc), param(shift, acc), x.shape[1])
+
+
+def apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
+    sync_with_torch()
+    n, c = x.shape[0], x.shape[1]
+    y = alloc.empty_like(x)
+    mean_c, _, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
+    act = CODES[activation]
+    if is_channels_last(x):
+        apply_channels_last(pixels_view(x), pixels_view(y), mean_c, a, b, act)
+    else:
+        apply_rows(rows_view(x, n * c), rows_view(y, n * c), mean_c.reshape(-1), a.reshape(-1),
+                   b.reshape(-1), act)
+    return y
+
+
+def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
+    sync_with_torch()
+    n, c = x.shape[0], x.shape[1]
+    acc = acc_dtype(x.dtype)
+    sum_dz_xhat = alloc.empty((n, c), acc)
+    sum_dz = alloc.empty((n, c), acc)
+    mean_c, rstd_c, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
+    act = CODES[activation]
+    if is_channels_last(x):
+        dy = like_layout(dy, x)
+        reduce_channels_last(pixels_view(dy), pixels_view(x), mean_c, rstd_c, a, b, act,
+                             sum_dz_xhat.numpy(), sum_dz.numpy(), _ZERO[acc])
+    else:
+        dy = like_layout(dy, x)
+        reduce_rows(rows_view(dy, n * c), rows_view(x, n * c), mean_c.reshape(-1), rstd_c.reshape(-1),
+                    a.reshape(-1), b.reshape(-1), act, sum_dz_xhat.view(-1).numpy(),
+                    sum_dz.view(-1).numpy(), _ZERO[acc])
+    return sum_dz_xhat, sum_dz
+
+
+def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat,
+                count, num_groups, activation):
+    sync_with_torch()
+    n, c = x.shape[0], x.shape[1]
+    acc = acc_dtype(x.dtype)
+    dx = alloc.empty_like(x)
+    mean_c, _, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
+    p, q = dx_coefs(stat(rstd, acc), stat(sum_dxhat, acc), stat(sum_dxhat_xhat, acc), int(count), c)
+    act = CODES[activation]
+    if is_channels_last(x):
+        dy = like_layout(dy, x)
+        dx_channels_last(pixels_view(dy), pixels_view(x), pixels_view(dx), mean_c, a, b, p, q, act)
+    else:
+        dy = like_layout(dy, x)
+        dx_rows(rows_view(dy, n * c), rows_view(x, n * c), rows_view(dx, n * c), mean_c.reshape(-1),
+                a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act)
+    return dx
+
+
+def like_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy in x's dtype and strides; a copy only when autograd hands over another layout."""
+    dy = dy.detach()
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
+    if dy.stride() == x.stride():
+        return dy
+    if is_channels_last(x):
+        return dy.movedim(1, -1).contiguous().movedim(-1, 1)
+    return dy.contiguous()

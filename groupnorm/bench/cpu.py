@@ -1,0 +1,138 @@
+"""CPU benchmark rows: the Numba backend against ATen's GroupNorm, same process, same inputs.
+
+Each row is checked first (max |ours - ATen|), then timed with ``timing.time_fn`` on both
+sides. "fwd" is F.group_norm against ``numba_cpu.forward``. "fwd+bwd" is ATen's
+native_group_norm + native_group_norm_backward (dx, dweight, dbias) against our forward +
+backward_reduce + the small (N, C) torch sums + backward_dx, as the autograd layer runs it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, Iterable, List
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import numba_cpu
+from .suite import Case
+from .timing import time_fn
+
+EPS = 1e-5
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": None}
+# Bytes each pass must move at least, in units of x.numel() * element_size.
+TENSOR_PASSES = {"fwd": 2, "fwd+bwd": 7}   # fwd: x, y | bwd: +dy, x (reduce) +dy, x, dx
+
+
+def _input(shape, dtype, fmt, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (-2.3 + 0.5 * torch.randn(shape, generator=g)).to(dtype)
+    if fmt == "nhwc":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)   # channels_last(_3d)
+    return x
+
+
+def _ours_fwd_bwd(x, w, b, dy, groups):
+    n, c = x.shape[0], x.shape[1]
+    y, mean, rstd = numba_cpu.forward(x, w, b, None, None, groups, EPS, "none")
+    s1, s0 = numba_cpu.backward_reduce(dy, x, mean, rstd, w, b, None, None, groups, "none")
+    wf = w.to(s1.dtype)
+    g1 = (s0 * wf).view(n, groups, -1).sum(-1)
+    g2 = (s1 * wf).view(n, groups, -1).sum(-1)
+    dw, db = s1.sum(0), s0.sum(0)
+    count = x.numel() // (n * groups)
+    dx = numba_cpu.backward_dx(dy, x, mean, rstd, w, b, None, None, g1, g2, count, groups, "none")
+    return y, dx, dw, db
+
+
+def _aten_fwd_bwd(x, w, b, dy, groups):
+    n, c = x.shape[0], x.shape[1]
+    hw = x.numel() // (n * c)
+    y, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, n, c, hw, groups, EPS)
+    dx, dw, db = torch.ops.aten.native_group_norm_backward(
+        dy, x, mean, rstd, w, n, c, hw, groups, [True, True, True])
+    return y, dx, dw, db
+
+
+def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat16),
+                      formats=("nchw", "nhwc"), passes=("fwd", "fwd+bwd"),
+                      budget_s: float = 0.3) -> List[Dict]:
+    """One row per (case, dtype, format, pass): correctness, then ours vs ATen timings."""
+    compile_s = numba_cpu.warmup(dtypes=tuple(dtypes))
+    rows = []
+    for case in cases:
+        for dtype in dtypes:
+            for fmt in formats:
+                x = _input(case.shape, dtype, fmt, 0)
+                dy = _input(case.shape, dtype, fmt, 1)
+                c = case.shape[1]
+                w = (1 + 0.1 * torch.randn(c)).to(dtype)
+                b = (0.1 * torch.randn(c)).to(dtype)
+                big = x.numel() >= 8 * 2**20
+                for p in passes:
+                    if p == "fwd":
+                        ours = lambda: numba_cpu.forward(x, w, b, None, None, case.num_groups, EPS, "none")
+                        aten = lambda: F.group_norm(x, case.num_groups, w, b, EPS)
+                        t0 = time.perf_counter()
+                        got = ours()[0]
+                        first = time.perf_counter() - t0
+                        want = aten()
+                        diff = (got.float() - want.float()).abs().max().item()
+                        layout_ok = got.stride() == x.stride()
+                    else:
+                        ours = lambda: _ours_fwd_bwd(x, w, b, dy, case.num_groups)
+                        aten = lambda: _aten_fwd_bwd(x, w, b, dy, case.num_groups)
+                        t0 = time.perf_counter()
+                        got = ours()
+                        first = time.perf_counter() - t0
+                        want = aten()
+                        diff = max((g.float() - h.float()).abs().max().item() / max(1.0, h.float().abs().max().item())
+                                   for g, h in zip(got[1:], want[1:]))
+                        layout_ok = got[1].stride() == x.stride()
+                    runs = dict(warmup=1 if big else 3, min_runs=5 if big else 10, budget_s=budget_s)
+                    t_ours = time_fn(ours, **runs)
+                    t_aten = time_fn(aten, **runs)
+                    moved = TENSOR_PASSES[p] * x.numel() * x.element_size()
+                    rows.append(dict(
+                        case=case.name, dtype=str(dtype).replace("torch.", ""), format=fmt, pass_=p,
+                        ours_us=t_ours.median_us, aten_us=t_aten.median_us,
+                        speedup=t_aten.median_s / t_ours.median_s,
+                        gbps=moved / t_ours.median_s / 1e9, max_diff=diff, layout_ok=layout_ok,
+                        first_call_ms=first * 1e3, compile_s=compile_s))
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    """Markdown: case | dtype | format | pass | ours us | ATen us | speed-up | GB/s ours | ..."""
+    lines = []
+    if rows:
+        lines.append(f"First-call cost (compile or load of the common signatures): "
+                     f"{rows[0]['compile_s']:.1f} s\n")
+    lines.append("| case | dtype | format | pass | ours us | ATen us | speed-up | GB/s ours "
+                 "| max diff | first call ms |")
+    lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['format']} | {r['pass_']} | "
+                     f"{r['ours_us']:.0f} | {r['aten_us']:.0f} | {r['speedup']:.2f}x | "
+                     f"{r['gbps']:.1f} | {r['max_diff']:.1e} | {r['first_call_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def geomean(values) -> float:
+    values = list(values)
+    prod = 1.0
+    for v in values:
+        prod *= v
+    return prod ** (1.0 / max(len(values), 1))
+
+
+def summary(rows: List[Dict]) -> str:
+    """Geometric-mean speed-ups per (pass, format): the numbers the targets are stated in."""
+    out = []
+    for p in sorted({r["pass_"] for r in rows}):
+        for fmt in sorted({r["format"] for r in rows}):
+            sel = [r["speedup"] for r in rows if r["pass_"] == p and r["format"] == fmt]
+            if sel:
+                out.append(f"- {p} {fmt}: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
+        sel = [r["speedup"] for r in rows if r["pass_"] == p]
+        out.append(f"- {p} all: geomean {geomean(sel):.2f}x, min {min(sel):.2f}x")
+    return "\n".join(out)

@@ -1,0 +1,242 @@
+"""Numba CPU backend against groupnorm.reference (on float64 copies) and torch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+numba = pytest.importorskip("numba")
+
+from groupnorm import reference  # noqa: E402
+from groupnorm.backends import numba_cpu  # noqa: E402
+from groupnorm.backends.numba_cpu import alloc, bits  # noqa: E402
+
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "mish")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Absolute tolerance on O(1) outputs: a few roundings of the output dtype.
+ATOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+STATS_ATOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every output starts NaN-filled, so an element the kernel forgets to write fails."""
+    monkeypatch.setattr(alloc, "empty_like", lambda x: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(alloc, "empty", lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
+
+
+def make_x(shape, dtype, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (-2.3 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        assert not x.is_contiguous() or x.shape[1] == 1
+    return x
+
+
+def make_params(c, n, dtype, affine=True, scaled=False, param_dtype=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pd = param_dtype or dtype
+    w = b = s = t = None
+    if affine:
+        w = (1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)).to(pd)
+        b = (0.2 * torch.randn(c, generator=g, dtype=torch.float64)).to(pd)
+    if scaled:
+        s = (0.3 * torch.randn(n, c, generator=g, dtype=torch.float64)).to(torch.float32)
+        t = (0.3 * torch.randn(n, c, generator=g, dtype=torch.float64)).to(torch.bfloat16)
+    return w, b, s, t
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+def same_layout(out, x):
+    assert out.shape == x.shape and out.dtype == x.dtype and out.stride() == x.stride()
+
+
+CASES = [
+    ((3, 15, 17, 23), 5, False),      # odd sizes, C/G = 3
+    ((3, 15, 17, 23), 5, True),
+    ((2, 16, 7, 9), 1, False),        # C/G = 16
+    ((2, 16, 7, 9), 16, True),        # C/G = 1
+    ((2, 10, 3, 4, 5), 2, True),      # 5-D channels_last_3d, C/G = 5
+    ((2, 10, 3, 4, 5), 2, False),
+    ((4, 6), 3, False),               # no spatial dims
+    ((2, 6, 37), 3, True),            # 3-D channels-last analogue
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups,cl", CASES)
+def test_forward_matches_reference_and_torch(shape, groups, cl, dtype):
+    x = make_x(shape, dtype, cl)
+    w, b, _, _ = make_params(shape[1], shape[0], dtype)
+    y, mean, rstd = numba_cpu.forward(x, w, b, None, None, groups, 1e-5, "none")
+    same_layout(y, x)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == acc and rstd.dtype == acc and mean.shape == (shape[0], groups)
+    ry, rmean, rrstd = reference.forward(x.double(), f64(w), f64(b), None, None, groups, 1e-5, "none")
+    torch.testing.assert_close(y.double(), ry, atol=ATOL[dtype], rtol=0)
+    torch.testing.assert_close(mean.double(), rmean, atol=STATS_ATOL[dtype], rtol=1e-5)
+    torch.testing.assert_close(rstd.double(), rrstd, atol=STATS_ATOL[dtype], rtol=1e-5)
+    ty = F.group_norm(x, groups, w, b, 1e-5)
+    torch.testing.assert_close(y.double(), ty.double(), atol=2 * ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups,cl", CASES[:2] + CASES[4:5] + CASES[6:7])
+def test_stats(shape, groups, cl, dtype):
+    x = make_x(shape, dtype, cl)
+    mean, m2 = numba_cpu.stats(x, groups)
+    rmean, rm2 = reference.stats(x.double(), groups)
+    torch.testing.assert_close(mean.double(), rmean, atol=STATS_ATOL[dtype], rtol=1e-5)
+    torch.testing.assert_close(m2.double(), rm2, atol=1e-4, rtol=1e-5)
+
+
+def _all_functions(x, w, b, s, t, groups, act, dtype):
+    """Run apply, backward_reduce, backward_dx and compare each with the reference."""
+    n = x.shape[0]
+    xd = x.double()
+    rmean, rm2 = reference.stats(xd, groups)
+    count = x.numel() // (n * groups)
+    rrstd = reference.rstd_from_m2(rm2, count, 1e-5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, rstd = rmean.to(acc), rrstd.to(acc)
+    args = (f64(w), f64(b), f64(s), f64(t))
+
+    y = numba_cpu.apply(x, mean, rstd, w, b, s, t, groups, act)
+    same_layout(y, x)
+    ry = reference.apply(xd, rmean, rrstd, *args, groups, act)
+    torch.testing.assert_close(y.double(), ry, atol=ATOL[dtype], rtol=ATOL[dtype])
+
+    dy = make_x(x.shape, dtype, not x.is_contiguous(), seed=7)
+    s1, s0 = numba_cpu.backward_reduce(dy, x, mean, rstd, w, b, s, t, groups, act)
+    rs1, rs0 = reference.backward_reduce(dy.double(), xd, rmean, rrstd, *args, groups, act)
+    hw = x.numel() // (n * x.shape[1])
+    tol = ATOL[dtype] * max(hw, 1) ** 0.5 * 4
+    torch.testing.assert_close(s1.double(), rs1, atol=tol, rtol=ATOL[dtype])
+    torch.testing.assert_close(s0.double(), rs0, atol=tol, rtol=ATOL[dtype])
+
+    # group sums as the autograd layer forms them: sum over the group's channels of
+    # dxhat-weighted terms, here from the reference sums (float64).
+    k = torch.ones_like(rs1)
+    if s is not None:
+        k = k * (1 + s.double())
+    if w is not None:
+        k = k * w.double()
+    g1 = (rs0 * k).view(n, groups, -1).sum(-1)
+    g2 = (rs1 * k).view(n, groups, -1).sum(-1)
+    dx = numba_cpu.backward_dx(dy, x, mean, rstd, w, b, s, t, g1.to(acc), g2.to(acc), count, groups, act)
+    same_layout(dx, x)
+    rdx = reference.backward_dx(dy.double(), xd, rmean, rrstd, *args, g1, g2, count, groups, act)
+    torch.testing.assert_close(dx.double(), rdx, atol=ATOL[dtype] * 4, rtol=ATOL[dtype] * 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups,cl", CASES)
+def test_apply_and_backward_plain(shape, groups, cl, dtype):
+    x = make_x(shape, dtype, cl)
+    w, b, _, _ = make_params(shape[1], shape[0], dtype)
+    _all_functions(x, w, b, None, None, groups, "none", dtype)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("cl", [False, True])
+def test_epilogue_every_activation(act, cl):
+    x = make_x((2, 12, 5, 7), torch.float32, cl)
+    w, b, s, t = make_params(12, 2, torch.float32, scaled=True)
+    _all_functions(x, w, b, s, t, 4, act, torch.float32)
+    y, _, _ = numba_cpu.forward(x, w, b, s, t, 4, 1e-5, act)
+    ry, _, _ = reference.forward(x.double(), f64(w), f64(b), f64(s), f64(t), 4, 1e-5, act)
+    torch.testing.assert_close(y.double(), ry, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True])
+def test_half_with_float32_params_and_epilogue(dtype, cl):
+    x = make_x((2, 12, 6, 5), dtype, cl)
+    w, b, s, t = make_params(12, 2, dtype, scaled=True, param_dtype=torch.float32)
+    _all_functions(x, w, b, s, t, 3, "silu", dtype)
+    _all_functions(x, None, None, None, None, 3, "gelu", dtype)
+
+
+def test_large_mean_is_stable():
+    x = 1e4 + 1e-2 * torch.randn(2, 8, 32, 32, generator=torch.Generator().manual_seed(3))
+    for xx in (x, x.to(memory_format=torch.channels_last)):
+        y, _, _ = numba_cpu.forward(xx, None, None, None, None, 4, 1e-10, "none")  # eps << var
+        std = y.reshape(2, 4, -1).double().std(dim=-1, unbiased=False)
+        assert (std - 1).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_bitwise_deterministic_across_thread_counts(cl):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads")
+    x = make_x((1, 64, 48, 40), torch.float32, cl)
+    dy = make_x((1, 64, 48, 40), torch.float32, cl, seed=5)
+    w, b, s, t = make_params(64, 1, torch.float32, scaled=True)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            numba.set_num_threads(threads)
+            y, mean, rstd = numba_cpu.forward(x, w, b, s, t, 8, 1e-5, "silu")
+            m, m2 = numba_cpu.stats(x, 8)
+            s1, s0 = numba_cpu.backward_reduce(dy, x, mean, rstd, w, b, s, t, 8, "silu")
+            g = s1.view(1, 8, 8).sum(-1)
+            dx = numba_cpu.backward_dx(dy, x, mean, rstd, w, b, s, t, g, g, 48 * 40 * 8, 8, "silu")
+            results.append([y, mean, rstd, m, m2, s1, s0, dx])
+    finally:
+        torch.set_num_threads(old)
+    for a, b_ in zip(results[0], results[1]):
+        assert torch.equal(a, b_)
+    for a, b_ in zip(results[0], results[2]):
+        assert torch.equal(a, b_)
+
+
+ALL_BITS = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+# Every float32 whose top half is any of the 65536 patterns, with low halves that hit
+# exact, halfway (ties), just-below/above-halfway and sticky-bit cases for both targets.
+LOW_HALVES = torch.tensor([0, 1, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xFFFF])
+
+
+def _f32_probe():
+    hi = torch.arange(65536, dtype=torch.int64) << 16
+    return (hi[:, None] | LOW_HALVES[None, :]).reshape(-1).to(torch.int32).view(torch.float32)
+
+
+def test_bf16_to_f32_exhaustive():
+    got = bits.bf16_bits_to_f32_array(ALL_BITS.numpy().view(np.uint16))
+    ref = ALL_BITS.view(torch.bfloat16).float().numpy()
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+def test_f16_to_f32_exhaustive():
+    got = bits.f16_bits_to_f32_array(ALL_BITS.numpy())
+    ref = ALL_BITS.view(torch.float16).float().numpy()
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+def test_f32_to_bf16_exhaustive():
+    x = _f32_probe()
+    got = bits.f32_to_bf16_bits_array(x.numpy())
+    ref = x.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(x.numpy())
+    assert np.array_equal(got[~nan], ref[~nan])
+    # NaN: any quiet NaN is acceptable (torch's scalar and vector paths differ here).
+    assert np.isnan(torch.from_numpy(got[nan].view(np.int16)).view(torch.bfloat16).float().numpy()).all()
+
+
+def test_f32_to_f16_exhaustive():
+    x = _f32_probe()
+    got = bits.f32_to_f16_bits_array(x.numpy())
+    ref = x.half().view(torch.int16).numpy()
+    assert np.array_equal(got, ref)
+
+
+def test_warmup_reports_seconds():
+    seconds = numba_cpu.warmup(dtypes=(torch.float32,))
+    assert seconds >= 0.0
