@@ -1,0 +1,52 @@
+"""Modules for the fused epilogues of diffusion models (GroupNorm -> SiLU, AdaGN)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .functional import group_norm
+from .modules import GroupNorm
+
+Tensor = torch.Tensor
+
+
+class GroupNormAct(GroupNorm):
+    """GroupNorm followed by an activation (SiLU by default) in one pass over the input.
+
+    Same parameters and ``state_dict`` keys as ``torch.nn.GroupNorm``, so the norm of a
+    ``Sequential(GroupNorm, SiLU)`` loads into it unchanged.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None, *, activation: str = "silu", **kwargs) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, activation=activation, **kwargs)
+
+
+class AdaGroupNorm(GroupNorm):
+    """GroupNorm with a per-sample scale/shift supplied at each call (time or class embedding).
+
+    ``forward(x, scale, shift)`` computes ``act((norm(x) * weight + bias) * (1 + scale) + shift)``
+    with ``scale``/``shift`` of shape (N, C), fused into the same pass. The embedding
+    projection stays with the model (diffusers' ResnetBlock2D "scale_shift" does
+    ``scale, shift = emb.chunk(2, dim=1)`` before calling this); the default ``affine=False``
+    matches that use, where the embedding supplies the modulation.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = False,
+                 device=None, dtype=None, *, activation: Optional[str] = None, **kwargs) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, activation=activation, **kwargs)
+
+    def forward(self, input: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+        scale, shift = (_per_sample(t, input) for t in (scale, shift))
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                          activation=self.activation, scale=scale, shift=shift, process_group=self.process_group)
+
+
+def _per_sample(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    # Accept (N, C) or the (N, C, 1, ..., 1) shape models broadcast with.
+    if t is None or t.dim() == 2:
+        return t
+    if t.dim() == x.dim() and all(s == 1 for s in t.shape[2:]):
+        return t.reshape(t.shape[0], t.shape[1])
+    return t
