@@ -25,6 +25,6 @@ RULES = (
 def register() -> None:
     """Install RULES; called once by ``groupnorm.ops`` after the ops are defined."""
     for op, device_type, dtype in RULES:
-        # register_autocast (torch >= 2.5) refuses device types autocast does not know.
+        # register_autocast (torch >= 2.7) refuses device types autocast does not know.
         if torch.amp.is_autocast_available(device_type):
             torch.library.register_autocast(op, device_type, dtype)
