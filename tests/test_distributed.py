@@ -171,3 +171,19 @@ def test_sharded_module(world_results):
     y_ref = torch.nn.functional.group_norm(tensors["x"], kwargs["num_groups"], tensors["weight"], tensors["bias"])
     for rank, res in enumerate(results):
         assert_close(res["module"], y_ref.split(sizes, dim=dim)[rank])
+
+
+def test_single_rank_in_process_default_backend(tmp_path):
+    """A one-rank group in this process, on the default CPU kernels: sharded == unsharded."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        name, tensors, _, _, kwargs = _cases(2)[1]  # activation, scale and shift
+        y, grads = _forward_backward(tensors, kwargs, process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    y_ref, grads_ref = _forward_backward(tensors, kwargs)
+    assert_close(y, y_ref)
+    for key in grads_ref:
+        assert_close(grads[key], grads_ref[key])
