@@ -88,9 +88,9 @@ def _stats_split(x: Tensor, lay: Layout, eps: float, write_m2: bool, write_rstd:
     acc = acc_dtype(x.dtype)
     p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device))
     # Partials are internal scratch: never poisoned, fully written by stage 1.
-    parts = torch.empty((3, lay.rows, p.split), dtype=acc, device=x.device)
+    parts = torch.empty((4, lay.rows, p.split), dtype=acc, device=x.device)
     stats_partial_kernel[(lay.rows, p.split)](
-        x, parts[0], parts[1], parts[2],
+        x, parts[0], parts[1], parts[2], parts[3],
         lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk, p.split,
         CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, ACC=_acc_tl(x.dtype), BLOCK=p.block,
         num_warps=p.num_warps)
@@ -98,7 +98,7 @@ def _stats_split(x: Tensor, lay: Layout, eps: float, write_m2: bool, write_rstd:
     m2 = empty((lay.n, lay.g), acc, x.device) if write_m2 else None
     rstd = empty((lay.n, lay.g), acc, x.device) if write_rstd else None
     stats_combine_kernel[(lay.rows,)](
-        parts[0], parts[1], parts[2], mean, m2 if write_m2 else mean, rstd if write_rstd else mean,
+        parts[0], parts[1], parts[2], parts[3], mean, m2 if write_m2 else mean, rstd if write_rstd else mean,
         p.split, eps, WRITE_M2=write_m2, WRITE_RSTD=write_rstd,
         BLOCK_S=triton.next_power_of_2(p.split), num_warps=1)
     return mean, m2, rstd

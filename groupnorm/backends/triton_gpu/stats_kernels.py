@@ -30,8 +30,10 @@ def fused_forward_kernel(
 ):
     """One program per (n, g) holds the whole group in registers: x is read once.
 
-    mean = sum(x) / count, then m2 = sum((x - mean)^2) over the registers (an exact two-pass),
-    rstd = 1 / sqrt(m2 / count + eps), y = act(z1(xhat)).
+    Pivoted two-pass over the registers: with k = the group's first element, xs = x - k
+    (exact for values near k), mean_s = sum(xs) / count and m2 = sum((xs - mean_s)^2); then
+    mean = k + mean_s, rstd = 1 / sqrt(m2 / count + eps), y = act(z1(xhat)). The pivot keeps
+    a large common offset (1e4 + 1e-2 * noise) out of the float32 sums.
     """
     row = tl.program_id(0).to(tl.int64)
     n = row // G
@@ -40,13 +42,14 @@ def fused_forward_kernel(
     i = tl.arange(0, BLOCK)
     mask = i < group_size
     offs, c_local = group_offsets(i, C, HW, CPG, CHANNELS_LAST)
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+    pivot = tl.load(x_ptr + base).to(ACC)
+    xs = tl.where(mask, tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC) - pivot, 0.0)
     count = tl.zeros((), dtype=ACC) + group_size
-    mean = tl.sum(x, axis=0) / count
-    d = tl.where(mask, x - mean, 0.0)
+    mean_s = tl.sum(xs, axis=0) / count
+    d = tl.where(mask, xs - mean_s, 0.0)
     m2 = tl.sum(d * d, axis=0)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
-    tl.store(mean_ptr + row, mean)
+    tl.store(mean_ptr + row, pivot + mean_s)
     tl.store(rstd_ptr + row, rstd)
     c = g * CPG + c_local
     z = pre_activation(d * rstd, n, c, mask, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
@@ -61,6 +64,7 @@ def stats_partial_kernel(
     count_ptr,  # (N * G, SPLIT) partial counts out, ACC
     mean_ptr,   # (N * G, SPLIT) partial means out, ACC
     m2_ptr,     # (N * G, SPLIT) partial sums of squared deviations out, ACC
+    pivot_ptr,  # (N * G, SPLIT) the pivot k (the group's first element) out, ACC
     C, HW, G, group_size, stride_x_n, stride_x_c, CHUNK, SPLIT,
     CPG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -70,13 +74,16 @@ def stats_partial_kernel(
     Each lane runs Welford's update over the elements it sees (mean += (x - mean) / k,
     m2 += (x - mean_old) (x - mean_new)); the lanes are then merged with Chan's formula in
     the parallel form: mean = sum(k_l mean_l) / k, m2 = sum(m2_l + k_l (mean_l - mean)^2).
-    Every deviation is taken from a local mean, so a large common offset costs no precision.
+    All programs of a group work on xs = x - k, k = the group's first element, so a large
+    common offset never enters the sums; the partial means are of xs, and k is stored with
+    them for stage 2.
     """
     row = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     n = row // G
     g = row % G
     base = n * stride_x_n + g * CPG * stride_x_c
+    pivot = tl.load(x_ptr + base).to(ACC)
     k_l = tl.zeros([BLOCK], dtype=ACC)
     mean_l = tl.zeros([BLOCK], dtype=ACC)
     m2_l = tl.zeros([BLOCK], dtype=ACC)
@@ -84,7 +91,7 @@ def stats_partial_kernel(
         i = s * CHUNK + start + tl.arange(0, BLOCK)
         mask = i < group_size
         offs, _ = group_offsets(i, C, HW, CPG, CHANNELS_LAST)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC) - pivot
         k_l += tl.where(mask, 1.0, 0.0).to(ACC)
         delta = x - mean_l
         mean_l += tl.where(mask, delta / tl.maximum(k_l, 1.0), 0.0)
@@ -96,6 +103,7 @@ def stats_partial_kernel(
     tl.store(count_ptr + row * SPLIT + s, k)
     tl.store(mean_ptr + row * SPLIT + s, mean)
     tl.store(m2_ptr + row * SPLIT + s, m2)
+    tl.store(pivot_ptr + row * SPLIT + s, pivot)
 
 
 @triton.jit
@@ -103,6 +111,7 @@ def stats_combine_kernel(
     count_ptr,     # (N * G, SPLIT) partial counts, ACC
     pmean_ptr,     # (N * G, SPLIT) partial means, ACC
     pm2_ptr,       # (N * G, SPLIT) partial m2, ACC
+    ppivot_ptr,    # (N * G, SPLIT) the pivot k the partial means are relative to, ACC
     mean_ptr,      # (N * G,) mean out, ACC
     m2_ptr,        # (N * G,) m2 out, ACC (unused without WRITE_M2)
     rstd_ptr,      # (N * G,) rstd out, ACC (unused without WRITE_RSTD)
@@ -124,7 +133,7 @@ def stats_combine_kernel(
     mean = tl.sum(k_s * mean_s, axis=0) / tl.maximum(k, 1.0)
     dev = mean_s - mean
     m2 = tl.sum(tl.where(mask, m2_s + k_s * dev * dev, 0.0), axis=0)
-    tl.store(mean_ptr + row, mean)
+    tl.store(mean_ptr + row, tl.load(ppivot_ptr + row * SPLIT) + mean)
     if WRITE_M2:
         tl.store(m2_ptr + row, m2)
     if WRITE_RSTD:
