@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 
 import pytest
@@ -19,7 +20,7 @@ import torch.multiprocessing as mp
 import groupnorm
 from groupnorm.backends import registry
 
-TIMEOUT_S = int(os.environ.get("GN_T", 120))
+TIMEOUT_S = 120  # per spawn (joins) and per collective (init_process_group)
 WORLDS = (2, 3, 4)
 REL = 1e-6  # of each tensor's largest magnitude: float32 differences in summation order
 
@@ -38,7 +39,8 @@ def assert_no_worse(actual, single, truth):
     ref_err = (single.double() - truth).abs().max().item()
     assert err <= 2 * ref_err + REL * max(1.0, truth.abs().max().item()), (err, ref_err)
 
-# name -> (shape with the split dim's total left to the sizes, split dim, sizes per world)
+
+# world size -> shard sizes of the cases split along H, W and D (uneven, some empty)
 SPLITS = {
     2: {"h": [37, 27], "w": [5, 14], "d": [3, 4]},
     3: {"h": [37, 64, 27], "w": [9, 0, 10], "d": [1, 4, 2]},
@@ -66,7 +68,8 @@ def _cases(world: int):
     cases.append(("w_fused", dict(x=rand(2, 12, 5, wsum), weight=w, bias=b, scale=0.2 * rand(2, 12),
                                   shift=rand(2, 12)), 3, sizes["w"], dict(num_groups=3, activation="silu")))
     d = sum(sizes["d"])
-    cases.append(("d_5d_noaffine", dict(x=rand(3, 4, d, 3, 4)), 2, sizes["d"], dict(num_groups=2)))
+    x5 = rand(3, 4, d, 3, 4).contiguous(memory_format=torch.channels_last_3d)
+    cases.append(("d_5d_noaffine", dict(x=x5), 2, sizes["d"], dict(num_groups=2)))
     w, b = params(8, torch.float64)
     cases.append(("h_float64", dict(x=rand(1, 8, h, 3, dtype=torch.float64), weight=w, bias=b), 2, sizes["h"],
                   dict(num_groups=8, eps=1e-3)))
@@ -86,9 +89,15 @@ def _forward_backward(tensors, kwargs, **extra):
     return y.detach(), {"x": x.grad, **{k: v.grad for k, v in leaves.items()}}
 
 
+def _loopback() -> None:
+    # Keep gloo on the loopback interface (Linux's name), whatever the hostname resolves to.
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    _loopback()
     # The reference kernels: a JIT compile per spawned rank would dominate the run time, and
     # the sharded path reaches kernels only through the ops, whose backends are tested apart.
     os.environ["GROUPNORM_BACKEND_CPU"] = "reference"
@@ -175,7 +184,7 @@ def test_sharded_module(world_results):
 
 def test_single_rank_in_process_default_backend(tmp_path):
     """A one-rank group in this process, on the default CPU kernels: sharded == unsharded."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    _loopback()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
