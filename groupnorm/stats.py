@@ -69,8 +69,11 @@ def group_stats(x: Tensor, num_groups: int, mask: Optional[Tensor] = None) -> Gr
     shape applies to every sample and one with a leading N dimension gives each sample its
     own. Without a mask the kernels' statistics op runs; with one, a masked shifted
     two-pass in torch ops (mean first, then squared deviations from it).
+
+    Statistics are data, not part of the autograd graph: x is read detached.
     """
     validation.check_inputs(x, num_groups, training_check=False)
+    x = x.detach()
     n = x.shape[0]
     per_group = x.shape[1] // num_groups
     acc = acc_dtype(x.dtype)
