@@ -179,6 +179,14 @@ def test_autocast_cpu_follows_torch(in_dtype, fast_dtype):
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("name", ["forward", "apply"])
+def test_autocast_rules_registered_for_cuda_only(name):
+    # Checkable without a GPU: the CUDA rule exists, and CPU keeps torch's "no rule" behaviour.
+    op = getattr(torch.ops.groupnorm, name).default
+    assert op.has_kernel_for_dispatch_key(torch._C.DispatchKey.AutocastCUDA)
+    assert not op.has_kernel_for_dispatch_key(torch._C.DispatchKey.AutocastCPU)
+
+
 @needs_cuda
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fast_dtype", [torch.bfloat16, torch.float16])
