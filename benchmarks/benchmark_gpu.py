@@ -26,11 +26,12 @@ def _git_sha() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few suite shapes, float16, forward only")
+    parser.add_argument("--quick", action="store_true", help="three suite shapes (batch 1 and 8, fused and split paths)")
     parser.add_argument("--out", default="benchmark_gpu", help="output path prefix (.csv and .md are added)")
     parser.add_argument("--dtypes", default="float16", help="comma list of float16,bfloat16,float32")
     parser.add_argument("--formats", default="nchw,channels_last", help="comma list of nchw,channels_last")
     parser.add_argument("--passes", default="forward,forward_backward", help="comma list of forward,forward_backward")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     parser.add_argument("--cases", default="", help="substring filter on case names")
     args = parser.parse_args(argv)
 
@@ -49,8 +50,7 @@ def main(argv=None) -> int:
     if args.quick:
         cases = [c for c in cases if "b8 1280x8x8" in c.name or "b1 320x64x64" in c.name
                  or "b1 128x512x512" in c.name] or cases[:3]
-        passes = passes[:1] if "--passes" not in (argv or sys.argv) else passes
-    rows = run_gpu_benchmark(cases, dtypes, formats, passes)
+    rows = run_gpu_benchmark(cases, dtypes, formats, passes, use_compile=not args.no_compile)
 
     import triton
 

@@ -24,8 +24,8 @@ import groupnorm.backends.triton_gpu as tg  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 ACTIVATIONS = ["none", "silu", "gelu", "gelu_tanh", "relu", "mish"]
-# (shape, num_groups): 4-D, 5-D, 2-D (HW = 1).
-SHAPES = [((2, 6, 5, 7), 3), ((1, 4, 3, 4, 5), 2), ((3, 10), 5)]
+# (shape, num_groups): 4-D, 5-D, 2-D (HW = 1), one channel per group, one group.
+SHAPES = [((2, 6, 5, 7), 3), ((1, 4, 3, 4, 5), 2), ((3, 10), 5), ((2, 6, 3, 5), 6), ((2, 4, 3, 3), 1)]
 # Relative tolerance by dtype (the output is rounded to the dtype once).
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 EPS = 1e-5

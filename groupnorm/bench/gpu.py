@@ -72,16 +72,21 @@ def _time_us(fn, device) -> Optional[float]:
         return None
 
 
-def _host_us(fn, calls: int = 50) -> Optional[float]:
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _host_us(fn, device, calls: int = 50) -> Optional[float]:
     # Wall time per call without a sync per call: the launch overhead a CPU-bound loop sees.
     try:
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         t1 = time.perf_counter()
-        torch.cuda.synchronize()
+        _sync(device)
         return (t1 - t0) / calls * 1e6
     except Exception:
         return None
@@ -101,8 +106,11 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def run_gpu_benchmark(cases: Iterable[Case], dtypes: Iterable[torch.dtype] = (torch.float16,),
                       formats: Iterable[str] = FORMATS, passes: Iterable[str] = PASSES,
-                      device: str = "cuda") -> List[dict]:
-    """One row per (case, dtype, format, pass); correctness is checked before timing."""
+                      device: str = "cuda", use_compile: bool = True) -> List[dict]:
+    """One row per (case, dtype, format, pass); correctness is checked before timing.
+
+    ``use_compile=False`` skips the torch.compile peer (its compiles take most of a short run).
+    """
     ours = _ours_fn()
     liger = _liger_fn()
     rows: List[dict] = []
@@ -121,15 +129,18 @@ def run_gpu_benchmark(cases: Iterable[Case], dtypes: Iterable[torch.dtype] = (to
                 dy = torch.randn_like(x)
                 copy_gbps = copy_bandwidth_gbps(x.numel(), dtype, device)
                 for pass_name in passes:
-                    row = _row(case, dtype, fmt, pass_name, x, w, b, wt, bt, dy, ours, liger, copy_gbps)
+                    row = _row(case, dtype, fmt, pass_name, x, w, b, wt, bt, dy, ours, liger, copy_gbps,
+                               use_compile)
                     rows.append(row)
                     print(format_table([row], header=not rows[:-1]), flush=True)
                 del x, dy
-                torch.cuda.empty_cache()
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
-def _row(case, dtype, fmt, pass_name, x, w, b, wt, bt, dy, ours, liger, copy_gbps) -> dict:
+def _row(case, dtype, fmt, pass_name, x, w, b, wt, bt, dy, ours, liger, copy_gbps,
+         use_compile=True) -> dict:
     device = x.device
     g = case.num_groups
     fwd_bwd = pass_name != "forward"
@@ -142,13 +153,17 @@ def _row(case, dtype, fmt, pass_name, x, w, b, wt, bt, dy, ours, liger, copy_gbp
     def ours_call(x_, g_, w_, b_, eps):
         return ours(x_, g_, w_, b_, eps)
 
-    with torch.no_grad():
-        y = ours(x, g, w, b, 1e-5)
-        ref = F.group_norm(x.float(), g, w, b, 1e-5)
-        max_err = (y.float() - ref).abs().max().item()
     row = dict(case=case.name, shape="x".join(map(str, case.shape)), groups=g,
-               dtype=str(dtype).replace("torch.", ""), format=fmt, **{"pass": pass_name},
-               max_err=max_err)
+               dtype=str(dtype).replace("torch.", ""), format=fmt, **{"pass": pass_name})
+    try:
+        with torch.no_grad():
+            y = ours(x, g, w, b, 1e-5)
+            ref = F.group_norm(x.float(), g, w.float(), b.float(), 1e-5)
+            max_err = (y.float() - ref).abs().max().item()
+    except Exception as exc:  # a broken op must not lose the other rows
+        row["error"] = f"ours failed: {type(exc).__name__}: {exc}"[:200]
+        return row
+    row["max_err"] = max_err
     tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
     if not math.isfinite(max_err) or max_err > tol * max(1.0, ref.abs().max().item()):
         row["error"] = f"ours differs from torch by {max_err:g}"
@@ -158,8 +173,11 @@ def _row(case, dtype, fmt, pass_name, x, w, b, wt, bt, dy, ours, liger, copy_gbp
     f_torch = _pass_fn(F.group_norm, xs, g, wts, bts, dy, pass_name)
     row["ours_us"] = _time_us(f_ours, device)
     row["torch_us"] = _time_us(f_torch, device)
+    row["compile_us"] = None
     try:
-        row["compile_us"] = _time_us(_pass_fn(_compiled_group_norm(), xs, g, wts, bts, dy, pass_name), device)
+        if use_compile:
+            row["compile_us"] = _time_us(_pass_fn(_compiled_group_norm(), xs, g, wts, bts, dy, pass_name),
+                                         device)
     except Exception:
         row["compile_us"] = None
     row["liger_us"] = None
@@ -178,8 +196,8 @@ def _row(case, dtype, fmt, pass_name, x, w, b, wt, bt, dy, ours, liger, copy_gbp
     row["speedup_torch"] = _ratio(row["ours_us"], row["torch_us"])
     row["speedup_compile"] = _ratio(row["ours_us"], row["compile_us"])
     row["speedup_liger"] = _ratio(row["ours_us"], row["liger_us"])
-    row["ours_host_us"] = _host_us(f_ours)
-    row["torch_host_us"] = _host_us(f_torch)
+    row["ours_host_us"] = _host_us(f_ours, device)
+    row["torch_host_us"] = _host_us(f_torch, device)
     return row
 
 
