@@ -1,16 +1,20 @@
 """Numba CPU GroupNorm vs ATen on the CPU suite; prints a markdown table for BENCHMARKS.md.
 
     python benchmarks/benchmark_cpu.py            # CPU_SUITE
-    python benchmarks/benchmark_cpu.py --quick    # QUICK_SUITE
+    python benchmarks/benchmark_cpu.py --quick    # QUICK_SUITE  # noqa: E402
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-import numba
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from groupnorm.bench.cpu import format_table, run_cpu_benchmark, summary
+import numba  # noqa: E402
+import torch  # noqa: E402
+
+from groupnorm.bench.cpu import format_table, run_cpu_benchmark, summary  # noqa: E402
 from groupnorm.bench.suite import CPU_SUITE, QUICK_SUITE
 
 

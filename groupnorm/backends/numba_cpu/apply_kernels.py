@@ -18,28 +18,29 @@ PIXEL_CHUNK = 4096    # channels-last: elements per parallel task (rows = PIXEL_
 JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
 
 
+@njit(**JIT)
+def apply_span(xr, yr, start, length, m, ar, br, act, buf):
+    """yr[start:start+length] = act((xr - m) * ar + br); buf: (BLOCK,) scratch."""
+    if act == NONE:
+        for i in range(start, start + length):
+            store(yr, i, (load(xr, i) - m) * ar + br)
+    else:
+        for lo in range(start, start + length, BLOCK):
+            count = min(BLOCK, start + length - lo)
+            for j in range(count):
+                buf[j] = (load(xr, lo + j) - m) * ar + br
+            activate_block(buf, count, act)
+            for j in range(count):
+                store(yr, lo + j, buf[j])
+
+
 @njit(parallel=True, **JIT)
 def apply_rows(x, y, mean_c, a, b, act):
     """Contiguous layout. x, y: (N*C, HW); mean_c, a, b: (N*C,)."""
     rows, length = x.shape
     for r in prange(rows):
-        xr = x[r]
-        yr = y[r]
-        m = mean_c[r]
-        ar = a[r]
-        br = b[r]
-        if act == NONE:
-            for i in range(length):
-                store(yr, i, (load(xr, i) - m) * ar + br)
-        else:
-            buf = np.empty(BLOCK, a.dtype)
-            for lo in range(0, length, BLOCK):
-                count = min(BLOCK, length - lo)
-                for j in range(count):
-                    buf[j] = (load(xr, lo + j) - m) * ar + br
-                activate_block(buf, count, act)
-                for j in range(count):
-                    store(yr, lo + j, buf[j])
+        buf = np.empty(BLOCK, a.dtype)
+        apply_span(x[r], y[r], 0, length, mean_c[r], a[r], b[r], act, buf)
 
 
 @njit(parallel=True, **JIT)

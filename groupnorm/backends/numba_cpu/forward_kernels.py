@@ -1,18 +1,25 @@
 """The whole forward in one compiled call: statistics, rstd, coefficients, apply.
 
-One dispatch instead of four keeps the Python overhead off small shapes; each stage is
-still its own kernel (stats_kernels, coefs, apply_kernels).
+One dispatch instead of four keeps the Python overhead off small shapes. With enough
+groups (N*G >= GROUP_TASKS_MIN) the contiguous forward is a single parallel region of
+per-group tasks: statistics, then the apply while the group is still warm in cache, and
+one fork/join instead of two (each fork/join costs microseconds, or a whole scheduler
+slice on a busy machine). Statistics are bitwise the same as stats_rows computes.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .apply_kernels import apply_channels_last, apply_rows
+from numba import prange
+
+from .apply_kernels import BLOCK, apply_channels_last, apply_rows, apply_span
 from .coefs import z1_coefs
-from .stats_kernels import stats_channels_last, stats_rows
+from .elements import cast_like
+from .stats_kernels import row_moments, stats_channels_last, stats_rows
 
 JIT = dict(cache=True, error_model="numpy")
+GROUP_TASKS_MIN = 8       # per-group tasks balance over the cores from this many groups
 
 
 @njit(**JIT)
@@ -47,3 +54,34 @@ def forward_channels_last(x, y, weight, bias, scale, shift, eps, act, zero, mean
     rstd_from_m2(m2, hw * (channels // groups), eps, rstd)
     mean_c, _, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
     apply_channels_last(x, y, mean_c, a, b, act)
+
+
+@njit(parallel=True, **JIT)
+def forward_groups(x_groups, y_groups, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd):
+    """Contiguous layout, one task per (n, g). x_groups, y_groups: (N*G, C/G*HW);
+    mean, rstd: (N, G) outputs."""
+    n_batch, groups = mean.shape
+    rows, length = x_groups.shape
+    cpg = length // hw
+    channels = cpg * groups
+    inv_count = 1.0 / length
+    for r in prange(rows):
+        n = r // groups
+        g = r - n * groups
+        xr = x_groups[r]
+        yr = y_groups[r]
+        m, m2 = row_moments(xr, zero)
+        rs = 1.0 / np.sqrt(m2 * inv_count + eps)
+        mean[n, g] = m
+        rstd[n, g] = rs
+        m_acc = mean[n, g]
+        buf = np.empty(BLOCK, mean.dtype)
+        for cc in range(cpg):
+            c = g * cpg + cc
+            w = np.float64(weight[c]) if weight.size else 1.0
+            bb = np.float64(bias[c]) if bias.size else 0.0
+            s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
+            t = np.float64(shift[n * channels + c]) if shift.size else 0.0
+            a = cast_like(np.float64(rstd[n, g]) * w * s1, zero)
+            b = cast_like(bb * s1 + t, zero)
+            apply_span(xr, yr, cc * hw, hw, m_acc, a, b, act, buf)

@@ -15,7 +15,7 @@ from .activations import CODES
 from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
 from .coefs import dx_coefs, z1_coefs
 from .apply_kernels import apply_channels_last, apply_rows
-from .forward_kernels import forward_channels_last, forward_rows
+from .forward_kernels import GROUP_TASKS_MIN, forward_channels_last, forward_groups, forward_rows
 from .stats_kernels import stats_channels_last, stats_rows
 from .threads import sync_with_torch
 
@@ -83,6 +83,9 @@ def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
     if is_channels_last(x):
         forward_channels_last(pixels_view(x), pixels_view(y), w, b, s, t, float(eps), act,
                               _ZERO[acc], mean.numpy(), rstd.numpy())
+    elif n * num_groups >= GROUP_TASKS_MIN:
+        forward_groups(rows_view(x, n * num_groups), rows_view(y, n * num_groups), spatial_size(x),
+                       w, b, s, t, float(eps), act, _ZERO[acc], mean.numpy(), rstd.numpy())
     else:
         forward_rows(rows_view(x, n * num_groups), rows_view(x, n * c), rows_view(y, n * c),
                      w, b, s, t, float(eps), act, _ZERO[acc], mean.numpy(), rstd.numpy())

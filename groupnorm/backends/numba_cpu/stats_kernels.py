@@ -34,9 +34,42 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
 
 
+@njit(**JIT)
+def chunk_moments(row, lo, hi, zero):
+    """(mean, m2) of row[lo:hi] in float64, by the corrected shifted two-pass."""
+    s = zero
+    for i in range(lo, hi):
+        s += load(row, i)
+    m = s * cast_like(1.0 / (hi - lo), zero)
+    q = zero
+    e = zero
+    for i in range(lo, hi):
+        d = load(row, i) - m
+        q += d * d
+        e += d
+    e64 = np.float64(e)
+    return np.float64(m) + e64 / (hi - lo), max(np.float64(q) - e64 * e64 / (hi - lo), 0.0)
+
+
+@njit(**JIT)
+def row_moments(row, zero):
+    """(mean, m2) of a whole row: fixed CHUNK partials Chan-merged left to right."""
+    length = row.shape[0]
+    count, mean, m2 = 0.0, 0.0, 0.0
+    for lo in range(0, length, CHUNK):
+        hi = min(lo + CHUNK, length)
+        m_k, q_k = chunk_moments(row, lo, hi, zero)
+        count, mean, m2 = chan_merge(count, mean, m2, float(hi - lo), m_k, q_k)
+    return mean, m2
+
+
 @njit(parallel=True, **JIT)
 def stats_rows(x, mean_out, m2_out, zero):
-    """Contiguous groups. x: (N*G, L) with L = C/G * HW; outputs (N*G,)."""
+    """Contiguous groups. x: (N*G, L) with L = C/G * HW; outputs (N*G,).
+
+    Parallel over (group, chunk) so even one group spreads over the cores; the merge is
+    the same left-to-right Chan merge as row_moments, so both give identical bits.
+    """
     rows, length = x.shape
     chunks = (length + CHUNK - 1) // CHUNK
     part_mean = np.empty((rows, chunks), np.float64)
@@ -45,22 +78,8 @@ def stats_rows(x, mean_out, m2_out, zero):
         r = task // chunks
         k = task - r * chunks
         lo = k * CHUNK
-        hi = min(lo + CHUNK, length)
-        row = x[r]
-        s = zero
-        for i in range(lo, hi):
-            s += load(row, i)
-        m = s * cast_like(1.0 / (hi - lo), zero)
-        q = zero
-        e = zero
-        for i in range(lo, hi):
-            d = load(row, i) - m
-            q += d * d
-            e += d
-        e64 = np.float64(e)
-        part_mean[r, k] = np.float64(m) + e64 / (hi - lo)
-        part_m2[r, k] = max(np.float64(q) - e64 * e64 / (hi - lo), 0.0)
-    for r in prange(rows):
+        part_mean[r, k], part_m2[r, k] = chunk_moments(x[r], lo, min(lo + CHUNK, length), zero)
+    for r in range(rows):                 # serial: a few numbers per group, no second fork
         count, mean, m2 = 0.0, 0.0, 0.0
         for k in range(chunks):
             n_k = min(CHUNK, length - k * CHUNK)
@@ -125,7 +144,7 @@ def stats_channels_last(x, groups, mean_out, m2_out, zero):
             e64 = np.float64(e)
             part_mean[n, k, g] += e64 / count
             part_m2[n, k, g] = max(np.float64(q) - e64 * e64 / count, 0.0)
-    for ng in prange(n_batch * groups):
+    for ng in range(n_batch * groups):    # serial merge: no second fork
         n = ng // groups
         g = ng - n * groups
         count, mean, m2 = 0.0, 0.0, 0.0
