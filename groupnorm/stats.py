@@ -14,8 +14,9 @@ Precision: merging is exact given the parts; what it inherits is each part's flo
 rounding, which enters m2 through (mean_b - mean_a)^2. For |mean| / std up to ~10 (typical
 activations) merged statistics match the whole tensor's within 1e-6 relative; for far
 larger offsets (|mean| / std ~ 1e4) expect ~1e-5, or pass a float64 tensor.
-Errors in the arguments of these functions (wrong types, shapes, empty lists) are
-``ValueError`` (``TypeError`` for a non-GroupStats ``stats``).
+Errors: a bad input tensor or num_groups raises what ``group_norm`` raises (torch's
+types); bad statistics arguments (shapes, masks, empty lists) raise ``ValueError``, and a
+``stats`` that is not a ``GroupStats`` raises ``TypeError``.
 """
 from __future__ import annotations
 
