@@ -6,7 +6,7 @@ allocations, so an element a kernel forgets to write shows up).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
