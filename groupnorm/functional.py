@@ -38,6 +38,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
             activation=activation, scale=scale, shift=shift, stats=stats, process_group=process_group)
     validation.check_inputs(input, num_groups, weight, bias, scale, shift)
     act = activation_name(activation)
+    if stats is not None and process_group is not None:
+        raise ValueError("group_norm(): pass either stats= or process_group=, not both "
+                         "(a process group computes the statistics itself)")
     x = kernel_layout(input)
     if process_group is not None:
         from .distributed import sharded_group_norm

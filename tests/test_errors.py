@@ -59,3 +59,9 @@ def test_extras_are_validated(kw, pattern):
 def test_activation_type_error():
     with pytest.raises(TypeError, match="activation"):
         groupnorm.group_norm(X, 3, activation=torch.nn.SiLU())
+
+
+def test_stats_and_process_group_are_exclusive():
+    stats = groupnorm.group_stats(X, 3)
+    with pytest.raises(ValueError, match="not both"):
+        groupnorm.group_norm(X, 3, stats=stats, process_group=object())
