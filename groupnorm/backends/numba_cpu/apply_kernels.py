@@ -20,18 +20,26 @@ JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
 
 @njit(**JIT)
 def apply_span(xr, yr, start, length, m, ar, br, act, buf):
-    """yr[start:start+length] = act((xr - m) * ar + br); buf: (BLOCK,) scratch."""
+    """yr[start:start+length] = act((xr - m) * ar + br); buf: (BLOCK,) scratch.
+
+    Loops run zero-based over slice views: Numba then drops the negative-index check
+    and LLVM vectorises them.
+    """
+    xs = xr[start:start + length]
+    ys = yr[start:start + length]
     if act == NONE:
-        for i in range(start, start + length):
-            store(yr, i, (load(xr, i) - m) * ar + br)
+        for i in range(length):
+            store(ys, i, (load(xs, i) - m) * ar + br)
     else:
-        for lo in range(start, start + length, BLOCK):
-            count = min(BLOCK, start + length - lo)
+        for lo in range(0, length, BLOCK):
+            count = min(BLOCK, length - lo)
+            xb = xs[lo:lo + count]
+            yb = ys[lo:lo + count]
             for j in range(count):
-                buf[j] = (load(xr, lo + j) - m) * ar + br
+                buf[j] = (load(xb, j) - m) * ar + br
             activate_block(buf, count, act)
             for j in range(count):
-                store(yr, lo + j, buf[j])
+                store(yb, j, buf[j])
 
 
 @njit(parallel=True, **JIT)

@@ -50,12 +50,14 @@ def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
             buf = np.empty(BLOCK, a.dtype)
             for lo in range(0, length, BLOCK):
                 count = min(BLOCK, length - lo)
+                xb = xr[lo:lo + count]    # zero-based views vectorise (no wraparound check)
+                db = dr[lo:lo + count]
                 for j in range(count):
-                    buf[j] = (load(xr, lo + j) - m) * ar + br
+                    buf[j] = (load(xb, j) - m) * ar + br
                 grad_block(buf, count, act)
                 for j in range(count):
-                    g = load(dr, lo + j) * buf[j]
-                    s_xc += g * (load(xr, lo + j) - m)
+                    g = load(db, j) * buf[j]
+                    s_xc += g * (load(xb, j) - m)
                     s_dz += g
         sum_dz_xhat[r] = s_xc * rstd_c[r]
         sum_dz[r] = s_dz
@@ -131,12 +133,14 @@ def dx_rows(dy, x, dx, mean_c, a, b, p, q, act):
             buf = np.empty(BLOCK, a.dtype)
             for lo in range(0, length, BLOCK):
                 count = min(BLOCK, length - lo)
+                xb = xr[lo:lo + count]
+                db = dr[lo:lo + count]
+                ob = out[lo:lo + count]
                 for j in range(count):
-                    buf[j] = (load(xr, lo + j) - m) * ar + br
+                    buf[j] = (load(xb, j) - m) * ar + br
                 grad_block(buf, count, act)
                 for j in range(count):
-                    xc = load(xr, lo + j) - m
-                    store(out, lo + j, load(dr, lo + j) * buf[j] * ar + xc * pr + qr)
+                    store(ob, j, load(db, j) * buf[j] * ar + (load(xb, j) - m) * pr + qr)
 
 
 @njit(parallel=True, **JIT)

@@ -72,7 +72,7 @@ def stat(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
 
 
 def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
-    sync_with_torch()
+    sync_with_torch(x.numel())
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     y = alloc.empty_like(x)
@@ -93,7 +93,7 @@ def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
 
 
 def stats(x, num_groups):
-    sync_with_torch()
+    sync_with_torch(x.numel())
     n = x.shape[0]
     acc = acc_dtype(x.dtype)
     mean = alloc.empty((n, num_groups), acc)
@@ -112,7 +112,7 @@ def _coefs(x, mean, rstd, weight, bias, scale, shift):
 
 
 def apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
-    sync_with_torch()
+    sync_with_torch(x.numel())
     n, c = x.shape[0], x.shape[1]
     y = alloc.empty_like(x)
     mean_c, _, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
@@ -126,7 +126,7 @@ def apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
 
 
 def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
-    sync_with_torch()
+    sync_with_torch(x.numel())
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     sum_dz_xhat = alloc.empty((n, c), acc)
@@ -147,7 +147,7 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, a
 
 def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat,
                 count, num_groups, activation):
-    sync_with_torch()
+    sync_with_torch(x.numel())
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     dx = alloc.empty_like(x)

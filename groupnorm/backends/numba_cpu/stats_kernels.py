@@ -37,18 +37,20 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 @njit(**JIT)
 def chunk_moments(row, lo, hi, zero):
     """(mean, m2) of row[lo:hi] in float64, by the corrected shifted two-pass."""
+    v = row[lo:hi]        # zero-based loops over a view: no index wraparound, so they vectorise
+    n = v.shape[0]
     s = zero
-    for i in range(lo, hi):
-        s += load(row, i)
-    m = s * cast_like(1.0 / (hi - lo), zero)
+    for i in range(n):
+        s += load(v, i)
+    m = s * cast_like(1.0 / n, zero)
     q = zero
     e = zero
-    for i in range(lo, hi):
-        d = load(row, i) - m
+    for i in range(n):
+        d = load(v, i) - m
         q += d * d
         e += d
     e64 = np.float64(e)
-    return np.float64(m) + e64 / (hi - lo), max(np.float64(q) - e64 * e64 / (hi - lo), 0.0)
+    return np.float64(m) + e64 / n, max(np.float64(q) - e64 * e64 / n, 0.0)
 
 
 @njit(**JIT)
