@@ -22,7 +22,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="run QUICK_SUITE instead of CPU_SUITE")
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per side")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both sides (numba follows torch); default: torch's")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = QUICK_SUITE if args.quick else CPU_SUITE
     print(f"torch {torch.__version__}, numba {numba.__version__}, "
           f"threads torch={torch.get_num_threads()} numba={numba.get_num_threads()}")
