@@ -1,0 +1,113 @@
+"""Fused-epilogue benchmark rows (issue 6): one pass of ours against the unfused composition.
+
+Peers: ATen ``F.group_norm`` followed by the separate ops a model runs (``* (1 + scale) +
+shift``, ``F.silu``) in eager mode, and ``torch.compile`` of that same composition. Every
+side runs through its public API, forward or forward + backward, on the same inputs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import group_norm
+from .suite import Case
+from .timing import time_fn
+
+VARIANTS = ("silu", "scale_shift+silu")
+
+
+def _composition(x, groups, w, b, scale, shift):
+    z = F.group_norm(x, groups, w, b)
+    if scale is not None:
+        view = scale.shape + (1,) * (x.dim() - 2)
+        z = z * (1 + scale.reshape(view)) + shift.reshape(view)
+    return F.silu(z)
+
+
+def _fused(x, groups, w, b, scale, shift):
+    return group_norm(x, groups, w, b, activation="silu", scale=scale, shift=shift)
+
+
+def _inputs(case: Case, dtype, device, variant, channels_last, requires_grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (-2.3 + 0.5 * torch.randn(case.shape, generator=g)).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    c, n = case.shape[1], case.shape[0]
+    pdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    w = (1 + 0.3 * torch.randn(c, generator=g)).to(device=device, dtype=pdtype)
+    b = (0.2 * torch.randn(c, generator=g)).to(device=device, dtype=pdtype)
+    scale = shift = None
+    if variant != "silu":
+        scale = (0.2 * torch.randn(n, c, generator=g)).to(device=device, dtype=dtype)
+        shift = (0.2 * torch.randn(n, c, generator=g)).to(device=device, dtype=dtype)
+    tensors = [x, w, b, scale, shift]
+    if requires_grad:
+        tensors = [None if t is None else t.requires_grad_(True) for t in tensors]
+    return tensors
+
+
+def _runner(fn, tensors, groups, backward, dy):
+    x, w, b, scale, shift = tensors
+    grads = [t for t in tensors if t is not None]
+
+    def run():
+        y = fn(x, groups, w, b, scale, shift)
+        if backward:
+            torch.autograd.grad(y, grads, dy)
+        return y
+    return run
+
+
+def run_fused_benchmark(cases: Iterable[Case], device="cpu", dtypes=(torch.float32,), variants=VARIANTS,
+                        passes=("fwd", "fwd+bwd"), channels_last=False, compile_peer=True,
+                        budget_s: float = 0.3) -> List[Dict]:
+    """Rows of ours (fused) vs eager composition vs torch.compile'd composition."""
+    # One specialised graph per row (shape, dtype, requires_grad): lift dynamo's recompile
+    # limit so late rows are still compiled rather than silently run eagerly.
+    import torch._dynamo.config as dynamo_config
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 256))
+    compiled = torch.compile(_composition, dynamic=False) if compile_peer else None
+    rows = []
+    for case in cases:
+        for dtype in dtypes:
+            for variant in variants:
+                for p in passes:
+                    backward = p == "fwd+bwd"
+                    tensors = _inputs(case, dtype, device, variant, channels_last, backward)
+                    dy = torch.randn(case.shape, device=device).to(dtype) if backward else None
+                    ours = _runner(_fused, tensors, case.num_groups, backward, dy)
+                    eager = _runner(_composition, tensors, case.num_groups, backward, dy)
+                    err = (ours().double() - eager().double()).abs().max().item()
+                    row = {"case": case.name, "dtype": str(dtype).replace("torch.", ""), "variant": variant,
+                           "pass": p, "max_diff": err,
+                           "ours_us": time_fn(ours, device, budget_s=budget_s).median_us,
+                           "eager_us": time_fn(eager, device, budget_s=budget_s).median_us}
+                    if compiled is not None:
+                        peer = _runner(compiled, tensors, case.num_groups, backward, dy)
+                        peer()  # compile outside the timed region
+                        row["compile_us"] = time_fn(peer, device, budget_s=budget_s).median_us
+                    rows.append(row)
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    has_compile = any("compile_us" in r for r in rows)
+    head = "| case | dtype | variant | pass | ours us | eager GN+ops us | vs eager |"
+    sep = "|---|---|---|---|---:|---:|---:|"
+    if has_compile:
+        head += " compiled GN+ops us | vs compile |"
+        sep += "---:|---:|"
+    lines = [head + " max diff |", sep + "---:|"]
+    for r in rows:
+        line = (f"| {r['case']} | {r['dtype']} | {r['variant']} | {r['pass']} | {r['ours_us']:.0f} | "
+                f"{r['eager_us']:.0f} | {r['eager_us'] / r['ours_us']:.2f}x |")
+        if has_compile:
+            line += f" {r['compile_us']:.0f} | {r['compile_us'] / r['ours_us']:.2f}x |"
+        lines.append(line + f" {r['max_diff']:.1e} |")
+    return "\n".join(lines)
