@@ -51,6 +51,25 @@ def apply_rows(x, y, mean_c, a, b, act):
         apply_span(x[r], y[r], 0, length, mean_c[r], a[r], b[r], act, buf)
 
 
+@njit(**JIT)
+def apply_pixels(xb, yb, mc, an, bn, act):
+    """One (rows, C) channels-last block; a plain callee so LLVM vectorises it."""
+    rows, channels = xb.shape
+    buf = np.empty(channels, an.dtype)
+    for r in range(rows):
+        xr = xb[r]
+        yr = yb[r]
+        if act == NONE:
+            for c in range(channels):
+                store(yr, c, (load(xr, c) - mc[c]) * an[c] + bn[c])
+        else:
+            for c in range(channels):
+                buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
+            activate_block(buf, channels, act)
+            for c in range(channels):
+                store(yr, c, buf[c])
+
+
 @njit(parallel=True, **JIT)
 def apply_channels_last(x, y, mean_c, a, b, act):
     """Channels-last layout. x, y: (N, HW, C); mean_c, a, b: (N, C)."""
@@ -61,19 +80,4 @@ def apply_channels_last(x, y, mean_c, a, b, act):
         n = task // blocks
         lo = (task - n * blocks) * block_rows
         hi = min(lo + block_rows, hw)
-        mc = mean_c[n]
-        an = a[n]
-        bn = b[n]
-        buf = np.empty(channels, a.dtype)
-        for r in range(lo, hi):
-            xr = x[n, r]
-            yr = y[n, r]
-            if act == NONE:
-                for c in range(channels):
-                    store(yr, c, (load(xr, c) - mc[c]) * an[c] + bn[c])
-            else:
-                for c in range(channels):
-                    buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
-                activate_block(buf, channels, act)
-                for c in range(channels):
-                    store(yr, c, buf[c])
+        apply_pixels(x[n, lo:hi], y[n, lo:hi], mean_c[n], a[n], b[n], act)

@@ -90,6 +90,53 @@ def stats_rows(x, mean_out, m2_out, zero):
         m2_out[r] = m2
 
 
+@njit(**JIT)
+def pixel_block_moments(block, groups, part_mean, part_m2, zero):
+    """Per-group (mean, m2) of one (rows, C) channels-last block, corrected two-pass.
+
+    A separate function, not the prange body: Numba's parallel lowering of a loop body
+    keeps LLVM from vectorising it, a plain callee vectorises (about 2x here).
+    """
+    rows, channels = block.shape
+    cpg = channels // groups
+    acc = np.full(channels, zero)          # accumulation dtype (float32 or float64)
+    dev = np.full(channels, zero)
+    centre = np.full(channels, zero)
+    for c in range(channels):
+        acc[c] = 0.0
+    for r in range(rows):
+        row = block[r]
+        for c in range(channels):
+            acc[c] += load(row, c)
+    inv = 1.0 / (rows * cpg)
+    for g in range(groups):
+        s = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            s += acc[c]
+        m = cast_like(s * inv, zero)
+        part_mean[g] = m
+        for c in range(g * cpg, (g + 1) * cpg):
+            centre[c] = m
+    for c in range(channels):
+        acc[c] = 0.0
+        dev[c] = 0.0
+    for r in range(rows):
+        row = block[r]
+        for c in range(channels):
+            d = load(row, c) - centre[c]
+            acc[c] += d * d
+            dev[c] += d
+    count = rows * cpg
+    for g in range(groups):
+        q = 0.0
+        e = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            q += acc[c]
+            e += dev[c]
+        part_mean[g] += e / count
+        part_m2[g] = max(q - e * e / count, 0.0)
+
+
 @njit(parallel=True, **JIT)
 def stats_channels_last(x, groups, mean_out, m2_out, zero):
     """Channels-last groups. x: (N, HW, C); outputs (N, G).
@@ -108,44 +155,7 @@ def stats_channels_last(x, groups, mean_out, m2_out, zero):
         n = task // blocks
         k = task - n * blocks
         lo = k * block_rows
-        hi = min(lo + block_rows, hw)
-        acc = np.empty(channels, mean_out.dtype)
-        dev = np.empty(channels, mean_out.dtype)
-        centre = np.empty(channels, mean_out.dtype)
-        for c in range(channels):
-            acc[c] = zero
-        for r in range(lo, hi):
-            row = x[n, r]
-            for c in range(channels):
-                acc[c] += load(row, c)
-        inv = cast_like(1.0 / ((hi - lo) * cpg), zero)
-        for g in range(groups):
-            s = zero
-            for c in range(g * cpg, (g + 1) * cpg):
-                s += acc[c]
-            m = s * inv
-            part_mean[n, k, g] = m
-            for c in range(g * cpg, (g + 1) * cpg):
-                centre[c] = m
-        for c in range(channels):
-            acc[c] = zero
-            dev[c] = zero
-        for r in range(lo, hi):
-            row = x[n, r]
-            for c in range(channels):
-                d = load(row, c) - centre[c]
-                acc[c] += d * d
-                dev[c] += d
-        count = (hi - lo) * cpg
-        for g in range(groups):
-            q = zero
-            e = zero
-            for c in range(g * cpg, (g + 1) * cpg):
-                q += acc[c]
-                e += dev[c]
-            e64 = np.float64(e)
-            part_mean[n, k, g] += e64 / count
-            part_m2[n, k, g] = max(np.float64(q) - e64 * e64 / count, 0.0)
+        pixel_block_moments(x[n, lo:min(lo + block_rows, hw)], groups, part_mean[n, k], part_m2[n, k], zero)
     for ng in range(n_batch * groups):    # serial merge: no second fork
         n = ng // groups
         g = ng - n * groups
