@@ -1,7 +1,10 @@
 """First-call cost: compile (or load from the on-disk cache) the common signatures.
 
 Numba compiles per argument types; with ``cache=True`` the machine code lands next to the
-sources, so only the very first process pays the full compile time.
+sources, so only the very first process pays the full compile time (about 100 s of CPU
+for all dtypes and layouts on a 2-core machine; about 1 s to load from the cache).
+Numba's cache checks only the kernel's own source file: after editing a helper module
+(bits, elements, activations, ...) delete this package's __pycache__ before trusting it.
 """
 from __future__ import annotations
 
