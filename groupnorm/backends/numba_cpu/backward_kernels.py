@@ -29,36 +29,40 @@ PIXEL_CHUNK = 4096    # channels-last: elements per parallel task (rows = PIXEL_
 JIT = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
 
+@njit(**JIT)
+def reduce_row(dr, xr, m, ar, br, act, zero):
+    """(sum(dz1 * (x - mean)), sum(dz1)) over one (n, c) row. A plain callee, not a prange
+    body: Numba's parallel lowering keeps LLVM from vectorising loop bodies."""
+    length = xr.shape[0]
+    s_xc = zero
+    s_dz = zero
+    if act == NONE:
+        for i in range(length):
+            g = load(dr, i)
+            s_xc += g * (load(xr, i) - m)
+            s_dz += g
+    else:
+        buf = np.full(BLOCK, zero)
+        for lo in range(0, length, BLOCK):
+            count = min(BLOCK, length - lo)
+            xb = xr[lo:lo + count]    # zero-based views vectorise (no wraparound check)
+            db = dr[lo:lo + count]
+            for j in range(count):
+                buf[j] = (load(xb, j) - m) * ar + br
+            grad_block(buf, count, act)
+            for j in range(count):
+                g = load(db, j) * buf[j]
+                s_xc += g * (load(xb, j) - m)
+                s_dz += g
+    return s_xc, s_dz
+
+
 @njit(parallel=True, **JIT)
 def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
     """Contiguous layout. dy, x: (N*C, HW); coefficients and outputs: (N*C,)."""
     rows, length = x.shape
     for r in prange(rows):
-        xr = x[r]
-        dr = dy[r]
-        m = mean_c[r]
-        s_xc = zero
-        s_dz = zero
-        if act == NONE:
-            for i in range(length):
-                g = load(dr, i)
-                s_xc += g * (load(xr, i) - m)
-                s_dz += g
-        else:
-            ar = a[r]
-            br = b[r]
-            buf = np.empty(BLOCK, a.dtype)
-            for lo in range(0, length, BLOCK):
-                count = min(BLOCK, length - lo)
-                xb = xr[lo:lo + count]    # zero-based views vectorise (no wraparound check)
-                db = dr[lo:lo + count]
-                for j in range(count):
-                    buf[j] = (load(xb, j) - m) * ar + br
-                grad_block(buf, count, act)
-                for j in range(count):
-                    g = load(db, j) * buf[j]
-                    s_xc += g * (load(xb, j) - m)
-                    s_dz += g
+        s_xc, s_dz = reduce_row(dy[r], x[r], mean_c[r], a[r], b[r], act, zero)
         sum_dz_xhat[r] = s_xc * rstd_c[r]
         sum_dz[r] = s_dz
 
@@ -113,34 +117,33 @@ def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, 
             sum_dz_xhat[n, c] *= rstd_c[n, c]
 
 
+@njit(**JIT)
+def dx_row(dr, xr, out, m, ar, br, pr, qr, act):
+    """dx over one (n, c) row (a plain callee so it vectorises)."""
+    length = xr.shape[0]
+    if act == NONE:
+        for i in range(length):
+            store(out, i, load(dr, i) * ar + (load(xr, i) - m) * pr + qr)
+    else:
+        buf = np.full(BLOCK, ar)
+        for lo in range(0, length, BLOCK):
+            count = min(BLOCK, length - lo)
+            xb = xr[lo:lo + count]
+            db = dr[lo:lo + count]
+            ob = out[lo:lo + count]
+            for j in range(count):
+                buf[j] = (load(xb, j) - m) * ar + br
+            grad_block(buf, count, act)
+            for j in range(count):
+                store(ob, j, load(db, j) * buf[j] * ar + (load(xb, j) - m) * pr + qr)
+
+
 @njit(parallel=True, **JIT)
 def dx_rows(dy, x, dx, mean_c, a, b, p, q, act):
     """Contiguous layout. dy, x, dx: (N*C, HW); coefficients: (N*C,)."""
     rows, length = x.shape
     for r in prange(rows):
-        xr = x[r]
-        dr = dy[r]
-        out = dx[r]
-        m = mean_c[r]
-        ar = a[r]
-        pr = p[r]
-        qr = q[r]
-        if act == NONE:
-            for i in range(length):
-                store(out, i, load(dr, i) * ar + (load(xr, i) - m) * pr + qr)
-        else:
-            br = b[r]
-            buf = np.empty(BLOCK, a.dtype)
-            for lo in range(0, length, BLOCK):
-                count = min(BLOCK, length - lo)
-                xb = xr[lo:lo + count]
-                db = dr[lo:lo + count]
-                ob = out[lo:lo + count]
-                for j in range(count):
-                    buf[j] = (load(xb, j) - m) * ar + br
-                grad_block(buf, count, act)
-                for j in range(count):
-                    store(ob, j, load(db, j) * buf[j] * ar + (load(xb, j) - m) * pr + qr)
+        dx_row(dy[r], x[r], dx[r], mean_c[r], a[r], b[r], p[r], q[r], act)
 
 
 @njit(parallel=True, **JIT)
