@@ -49,7 +49,11 @@ def _benchmark(device: str, quick: bool, budget_s: float) -> str:
         from .bench import cpu as bench
         cases = suite.QUICK_SUITE if quick else suite.CPU_SUITE
         rows = bench.run_cpu_benchmark(cases, budget_s=budget_s)
-    return bench.format_table(rows)
+    table = bench.format_table(rows)
+    from .bench import fused
+    fused_cases = suite.QUICK_SUITE[:1] if quick else [c for c in cases if c.shape[0] * c.shape[1] <= 2560][:2]
+    fused_rows = fused.run_fused_benchmark(fused_cases, device, compile_peer=False, budget_s=budget_s)
+    return table + "\n\nfused epilogue (ours, one pass) vs F.group_norm + separate ops, eager:\n" + fused.format_table(fused_rows)
 
 
 def main(argv=None) -> int:
