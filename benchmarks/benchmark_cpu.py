@@ -2,6 +2,10 @@
 
     python benchmarks/benchmark_cpu.py            # CPU_SUITE
     python benchmarks/benchmark_cpu.py --quick    # QUICK_SUITE  # noqa: E402
+    python benchmarks/benchmark_cpu.py --rows api # public-API rows only (the targets)
+
+Rows "fwd" / "fwd+bwd" time the public API (groupnorm.group_norm, autograd) against
+F.group_norm the same way; "kernel ..." rows call the Numba backend directly.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numba  # noqa: E402
 import torch  # noqa: E402
 
-from groupnorm.bench.cpu import format_table, run_cpu_benchmark, summary  # noqa: E402
+from groupnorm.bench.cpu import (API_PASSES, KERNEL_PASSES, format_table,  # noqa: E402
+                                 run_cpu_benchmark, summary)
 from groupnorm.bench.suite import CPU_SUITE, QUICK_SUITE
 
 
@@ -24,13 +29,20 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per side")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both sides (numba follows torch); default: torch's")
+    parser.add_argument("--rows", choices=("all", "api", "kernel"), default="all",
+                        help="public-API rows, backend-direct rows, or both (default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = QUICK_SUITE if args.quick else CPU_SUITE
     print(f"torch {torch.__version__}, numba {numba.__version__}, "
           f"threads torch={torch.get_num_threads()} numba={numba.get_num_threads()}")
-    rows = run_cpu_benchmark(cases, budget_s=args.budget)
+    passes = {"all": API_PASSES + KERNEL_PASSES, "api": API_PASSES, "kernel": KERNEL_PASSES}[args.rows]
+    if hasattr(os, "getloadavg"):
+        print("load average before: %.2f %.2f %.2f" % os.getloadavg())
+    rows = run_cpu_benchmark(cases, passes=passes, budget_s=args.budget)
+    if hasattr(os, "getloadavg"):
+        print("load average after: %.2f %.2f %.2f" % os.getloadavg())
     print(format_table(rows))
     print()
     print(summary(rows))

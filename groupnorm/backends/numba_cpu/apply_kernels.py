@@ -14,7 +14,7 @@ from .activations import NONE, activate_block
 from .elements import load, store
 
 BLOCK = 512           # staging buffer length for activations
-PIXEL_CHUNK = 4096    # channels-last: elements per parallel task (rows = PIXEL_CHUNK // C)
+PIXEL_CHUNK = 16384   # channels-last: elements per parallel task (rows = PIXEL_CHUNK // C)
 JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
 
 

@@ -90,64 +90,92 @@ def stats_rows(x, mean_out, m2_out, zero):
         m2_out[r] = m2
 
 
-@njit(**JIT)
-def pixel_block_moments(block, groups, part_mean, part_m2, zero):
-    """Per-group (mean, m2) of one (rows, C) channels-last block, corrected two-pass.
+JIT_CL = dict(cache=True, error_model="numpy", boundscheck=False)
+BLOCK_ELEMS = 32768   # channels-last: target elements per (n, pixel-block) task
+BLOCK_ROWS_MIN = 32   # ... but at least this many pixels (per-channel merge cost) ...
+BLOCK_ROWS_MAX = 256  # ... and at most this many (float32 shifted sums stay accurate)
+
+
+@njit(cache=True)
+def pixel_block_rows(channels):
+    """Pixels per channels-last statistics task: a function of C only (determinism)."""
+    return min(BLOCK_ROWS_MAX, max(BLOCK_ROWS_MIN, BLOCK_ELEMS // channels))
+
+
+@njit(**JIT_CL)
+def shifted_channel_sums(xn, lo, hi, s, q, shift):
+    """Per channel c over pixels lo..hi-1 of xn (HW, C): shift[c] = x[lo, c], s[c] = sum d,
+    q[c] = sum d^2 with d = x - shift[c].
+
+    One straight pass; the inner loop runs over the contiguous C axis with one
+    independent accumulator per channel, so it vectorises without reassociation.
+    """
+    channels = xn.shape[1]
+    first = xn[lo]
+    for c in range(channels):
+        shift[c] = load(first, c)
+        s[c] = 0.0
+        q[c] = 0.0
+    for r in range(lo + 1, hi):
+        row = xn[r]
+        for c in range(channels):
+            d = load(row, c) - shift[c]
+            s[c] += d
+            q[c] += d * d
+
+
+@njit(**JIT_CL)
+def channel_sums_to_groups(s, q, shift, rows, groups, part_mean, part_m2):
+    """Exact per-group (mean, m2) from per-channel shifted sums, in float64.
+
+    Channel c: mean_c = shift_c + s_c / rows, m2_c = q_c - s_c^2 / rows. Channels of a group
+    have equal counts, so mean_g = average of mean_c and
+    m2_g = sum(m2_c) + rows * sum((mean_c - mean_g)^2).
+    """
+    channels = s.shape[0]
+    cpg = channels // groups
+    inv = 1.0 / rows
+    for g in range(groups):
+        tot = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            tot += np.float64(shift[c]) + np.float64(s[c]) * inv
+        mg = tot / cpg
+        m2 = 0.0
+        for c in range(g * cpg, (g + 1) * cpg):
+            sc = np.float64(s[c])
+            dm = np.float64(shift[c]) + sc * inv - mg
+            m2 += max(np.float64(q[c]) - sc * sc * inv, 0.0) + rows * dm * dm
+        part_mean[g] = mg
+        part_m2[g] = m2
+
+
+@njit(**JIT_CL)
+def pixel_block_moments(xn, lo, hi, groups, part_mean, part_m2, zero):
+    """Per-group (mean, m2) of pixels lo..hi-1 of one sample xn (HW, C).
 
     A separate function, not the prange body: Numba's parallel lowering of a loop body
-    keeps LLVM from vectorising it, a plain callee vectorises (about 2x here).
+    keeps LLVM from vectorising it, a plain callee vectorises.
     """
-    rows, channels = block.shape
-    cpg = channels // groups
-    acc = np.full(channels, zero)          # accumulation dtype (float32 or float64)
-    dev = np.full(channels, zero)
-    centre = np.full(channels, zero)
-    for c in range(channels):
-        acc[c] = 0.0
-    for r in range(rows):
-        row = block[r]
-        for c in range(channels):
-            acc[c] += load(row, c)
-    inv = 1.0 / (rows * cpg)
-    for g in range(groups):
-        s = 0.0
-        for c in range(g * cpg, (g + 1) * cpg):
-            s += acc[c]
-        m = cast_like(s * inv, zero)
-        part_mean[g] = m
-        for c in range(g * cpg, (g + 1) * cpg):
-            centre[c] = m
-    for c in range(channels):
-        acc[c] = 0.0
-        dev[c] = 0.0
-    for r in range(rows):
-        row = block[r]
-        for c in range(channels):
-            d = load(row, c) - centre[c]
-            acc[c] += d * d
-            dev[c] += d
-    count = rows * cpg
-    for g in range(groups):
-        q = 0.0
-        e = 0.0
-        for c in range(g * cpg, (g + 1) * cpg):
-            q += acc[c]
-            e += dev[c]
-        part_mean[g] += e / count
-        part_m2[g] = max(q - e * e / count, 0.0)
+    channels = xn.shape[1]
+    s = np.full(channels, zero)          # accumulation dtype (float32 or float64)
+    q = np.full(channels, zero)
+    shift = np.full(channels, zero)
+    shifted_channel_sums(xn, lo, hi, s, q, shift)
+    channel_sums_to_groups(s, q, shift, hi - lo, groups, part_mean, part_m2)
 
 
 @njit(parallel=True, **JIT)
 def stats_channels_last(x, groups, mean_out, m2_out, zero):
     """Channels-last groups. x: (N, HW, C); outputs (N, G).
 
-    Parallel over (n, block of HW rows): per block, per-channel sums (vectorised along
-    the contiguous C axis) give the block's group means, a second sweep over the
-    L1-resident block gives per-group m2; blocks are then Chan-merged in order.
+    Parallel over (n, block of pixels), the blocking a function of the shape only: per
+    block, per-channel sums of x minus a per-channel shift (the block's first pixel) in one
+    vectorised pass, combined exactly into per-group (mean, m2); blocks are then
+    Chan-merged in order.
     """
     n_batch, hw, channels = x.shape
     cpg = channels // groups
-    block_rows = max(1, CHUNK // channels)
+    block_rows = pixel_block_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
     part_mean = np.empty((n_batch, blocks, groups), np.float64)
     part_m2 = np.empty((n_batch, blocks, groups), np.float64)
@@ -155,7 +183,8 @@ def stats_channels_last(x, groups, mean_out, m2_out, zero):
         n = task // blocks
         k = task - n * blocks
         lo = k * block_rows
-        pixel_block_moments(x[n, lo:min(lo + block_rows, hw)], groups, part_mean[n, k], part_m2[n, k], zero)
+        pixel_block_moments(x[n], lo, min(lo + block_rows, hw), groups, part_mean[n, k],
+                            part_m2[n, k], zero)
     for ng in range(n_batch * groups):    # serial merge: no second fork
         n = ng // groups
         g = ng - n * groups
