@@ -188,13 +188,46 @@ def test_bitwise_deterministic_across_thread_counts(cl):
             s1, s0 = numba_cpu.backward_reduce(dy, x, mean, rstd, w, b, s, t, 8, "silu")
             g = s1.view(1, 8, 8).sum(-1)
             dx = numba_cpu.backward_dx(dy, x, mean, rstd, w, b, s, t, g, g, 48 * 40 * 8, 8, "silu")
-            results.append([y, mean, rstd, m, m2, s1, s0, dx])
+            f1, f0, fdx = numba_cpu.backward_fused(dy, x, mean, rstd, w, b, s, t, 8, "silu")
+            results.append([y, mean, rstd, m, m2, s1, s0, dx, f1, f0, fdx])
     finally:
         torch.set_num_threads(old)
     for a, b_ in zip(results[0], results[1]):
         assert torch.equal(a, b_)
     for a, b_ in zip(results[0], results[2]):
         assert torch.equal(a, b_)
+
+
+FUSED_CASES = [
+    ((2, 16, 7, 9), 4, False),        # N*G = 8: one task per group
+    ((3, 15, 17, 23), 5, False),      # C/G = 3, odd sizes
+    ((4, 6), 3, False),               # no spatial dims
+    ((2, 16, 7, 9), 4, True),         # channels-last: the two-stage path
+    ((1, 8, 5, 5), 2, False),         # N*G < 8: the two-stage path
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups,cl", FUSED_CASES)
+@pytest.mark.parametrize("act,scaled", [("none", False), ("silu", True), ("mish", False)])
+def test_backward_fused_matches_two_stages(shape, groups, cl, dtype, act, scaled):
+    """backward_fused == backward_reduce (bitwise) and backward_dx (to rounding)."""
+    from groupnorm import grad_terms
+
+    x = make_x(shape, dtype, cl)
+    dy = make_x(shape, dtype, cl, seed=7)
+    w, b, s, t = make_params(shape[1], shape[0], dtype, scaled=scaled)
+    _, mean, rstd = numba_cpu.forward(x, w, b, s, t, groups, 1e-5, act)
+    s1, s0 = numba_cpu.backward_reduce(dy, x, mean, rstd, w, b, s, t, groups, act)
+    g1, g2 = grad_terms.group_sums(s1, s0, w, s, groups)
+    count = x.numel() // (shape[0] * groups)
+    dx = numba_cpu.backward_dx(dy, x, mean, rstd, w, b, s, t, g1, g2, count, groups, act)
+    f1, f0, fdx = numba_cpu.backward_fused(dy, x, mean, rstd, w, b, s, t, groups, act)
+    assert torch.equal(f1, s1) and torch.equal(f0, s0)
+    same_layout(fdx, x)
+    torch.testing.assert_close(fdx.double(), dx.double(), atol=ATOL[dtype], rtol=ATOL[dtype])
+    n1, n0, none = numba_cpu.backward_fused(dy, x, mean, rstd, w, b, s, t, groups, act, need_dx=False)
+    assert none is None and torch.equal(n1, s1) and torch.equal(n0, s0)
 
 
 ALL_BITS = torch.arange(65536, dtype=torch.int32).to(torch.int16)

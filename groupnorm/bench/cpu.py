@@ -11,6 +11,8 @@ sides. Two kinds of rows:
   F.group_norm; our forward + backward_reduce + the small (N, C) torch sums +
   backward_dx against ATen's native_group_norm + native_group_norm_backward. These leave
   out the op/autograd layers, so the gap between the two kinds is the Python glue.
+  "kernel fused" is the same with ``numba_cpu.backward_fused`` (both backward stages in
+  one call; the op layer does not use it yet).
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ EPS = 1e-5
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": None}
 # Bytes each pass must move at least, in units of x.numel() * element_size.
 TENSOR_PASSES = {"fwd": 2, "fwd+bwd": 7,   # fwd: x, y | bwd: +dy, x (reduce) +dy, x, dx
-                 "kernel fwd": 2, "kernel fwd+bwd": 7}
+                 "kernel fwd": 2, "kernel fwd+bwd": 7, "kernel fused": 7}
 API_PASSES = ("fwd", "fwd+bwd")
-KERNEL_PASSES = ("kernel fwd", "kernel fwd+bwd")
+KERNEL_PASSES = ("kernel fwd", "kernel fwd+bwd", "kernel fused")
 
 
 def _input(shape, dtype, fmt, seed):
@@ -54,6 +56,12 @@ def _ours_fwd_bwd(x, w, b, dy, groups):
     count = x.numel() // (n * groups)
     dx = numba_cpu.backward_dx(dy, x, mean, rstd, w, b, None, None, g1, g2, count, groups, "none")
     return y, dx, dw, db
+
+
+def _ours_fused(x, w, b, dy, groups):
+    y, mean, rstd = numba_cpu.forward(x, w, b, None, None, groups, EPS, "none")
+    s1, s0, dx = numba_cpu.backward_fused(dy, x, mean, rstd, w, b, None, None, groups, "none")
+    return y, dx, s1.sum(0), s0.sum(0)
 
 
 def _aten_fwd_bwd(x, w, b, dy, groups):
@@ -127,7 +135,8 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         diff = (got.float() - want.float()).abs().max().item()
                         layout_ok = got.stride() == x.stride()
                     else:
-                        ours = lambda: _ours_fwd_bwd(x, w, b, dy, case.num_groups)
+                        fused = p == "kernel fused"
+                        ours = lambda: (_ours_fused if fused else _ours_fwd_bwd)(x, w, b, dy, case.num_groups)
                         aten = lambda: _aten_fwd_bwd(x, w, b, dy, case.num_groups)
                         t0 = time.perf_counter()
                         got = ours()

@@ -42,13 +42,27 @@ def apply_span(xr, yr, start, length, m, ar, br, act, buf):
                 store(yb, j, buf[j])
 
 
+@njit(**JIT)
+def apply_row_block(x, y, lo, hi, mean_c, a, b, act):
+    """Rows lo..hi-1 of the contiguous layout, one staging buffer for all of them."""
+    buf = np.empty(BLOCK, a.dtype)
+    for r in range(lo, hi):
+        apply_span(x[r], y[r], 0, x.shape[1], mean_c[r], a[r], b[r], act, buf)
+
+
 @njit(parallel=True, **JIT)
 def apply_rows(x, y, mean_c, a, b, act):
-    """Contiguous layout. x, y: (N*C, HW); mean_c, a, b: (N*C,)."""
+    """Contiguous layout. x, y: (N*C, HW); mean_c, a, b: (N*C,).
+
+    Tasks are blocks of about PIXEL_CHUNK elements (whole rows), so small planes (HW = 64)
+    do not pay a buffer allocation and a task start per row.
+    """
     rows, length = x.shape
-    for r in prange(rows):
-        buf = np.empty(BLOCK, a.dtype)
-        apply_span(x[r], y[r], 0, length, mean_c[r], a[r], b[r], act, buf)
+    per_task = max(1, PIXEL_CHUNK // max(length, 1))
+    tasks = (rows + per_task - 1) // per_task
+    for task in prange(tasks):
+        lo = task * per_task
+        apply_row_block(x, y, lo, min(lo + per_task, rows), mean_c, a, b, act)
 
 
 @njit(**JIT)

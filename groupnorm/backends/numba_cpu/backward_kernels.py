@@ -22,10 +22,12 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import NONE, grad_block
-from .elements import load, store
+from .elements import cast_like, load, store
 
 BLOCK = 512           # staging buffer length for act'(z1)
-PIXEL_CHUNK = 4096    # channels-last: elements per parallel task (rows = PIXEL_CHUNK // C)
+PIXEL_CHUNK = 32768   # channels-last: target elements per parallel task ...
+PIXEL_ROWS_MIN = 16   # ... but at least this many pixels ...
+PIXEL_ROWS_MAX = 512  # ... and at most this many (float32 per-channel partial sums)
 JIT = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
 
@@ -67,11 +69,47 @@ def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
         sum_dz[r] = s_dz
 
 
+@njit(**JIT)
+def reduce_pixels(dyn, xn, lo, hi, mc, an, bn, act, acc_xc, acc_dz, zero):
+    """Per-channel (sum dz1 * (x - mean), sum dz1) over pixels lo..hi-1 of one sample
+    (HW, C), into acc_xc / acc_dz. A plain callee so the C loops vectorise."""
+    channels = xn.shape[1]
+    for c in range(channels):
+        acc_xc[c] = zero
+        acc_dz[c] = zero
+    if act == NONE:
+        for r in range(lo, hi):
+            xr = xn[r]
+            dr = dyn[r]
+            for c in range(channels):
+                g = load(dr, c)
+                acc_xc[c] += g * (load(xr, c) - mc[c])
+                acc_dz[c] += g
+    else:
+        buf = np.empty(channels, acc_xc.dtype)
+        for r in range(lo, hi):
+            xr = xn[r]
+            dr = dyn[r]
+            for c in range(channels):
+                buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
+            grad_block(buf, channels, act)
+            for c in range(channels):
+                g = load(dr, c) * buf[c]
+                acc_xc[c] += g * (load(xr, c) - mc[c])
+                acc_dz[c] += g
+
+
+@njit(cache=True)
+def pixel_rows(channels):
+    """Pixels per channels-last backward task: a function of C only (determinism)."""
+    return min(PIXEL_ROWS_MAX, max(PIXEL_ROWS_MIN, PIXEL_CHUNK // channels))
+
+
 @njit(parallel=True, **JIT)
 def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
     """Channels-last layout. dy, x: (N, HW, C); coefficients and outputs: (N, C)."""
     n_batch, hw, channels = x.shape
-    block_rows = max(1, PIXEL_CHUNK // channels)
+    block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
     part_xc = np.empty((n_batch, blocks, channels), a.dtype)
     part_dz = np.empty((n_batch, blocks, channels), a.dtype)
@@ -79,42 +117,27 @@ def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, 
         n = task // blocks
         k = task - n * blocks
         lo = k * block_rows
-        hi = min(lo + block_rows, hw)
-        mc = mean_c[n]
-        an = a[n]
-        bn = b[n]
-        acc_xc = part_xc[n, k]
-        acc_dz = part_dz[n, k]
-        for c in range(channels):
-            acc_xc[c] = zero
-            acc_dz[c] = zero
-        buf = np.empty(channels, a.dtype)
-        for r in range(lo, hi):
-            xr = x[n, r]
-            dr = dy[n, r]
-            if act == NONE:
-                for c in range(channels):
-                    g = load(dr, c)
-                    acc_xc[c] += g * (load(xr, c) - mc[c])
-                    acc_dz[c] += g
-            else:
-                for c in range(channels):
-                    buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
-                grad_block(buf, channels, act)
-                for c in range(channels):
-                    g = load(dr, c) * buf[c]
-                    acc_xc[c] += g * (load(xr, c) - mc[c])
-                    acc_dz[c] += g
+        reduce_pixels(dy[n], x[n], lo, min(lo + block_rows, hw), mean_c[n], a[n], b[n], act,
+                      part_xc[n, k], part_dz[n, k], zero)
     for n in range(n_batch):
+        merge_blocks(part_xc[n], part_dz[n], rstd_c[n], sum_dz_xhat[n], sum_dz[n], zero)
+
+
+@njit(**JIT)
+def merge_blocks(part_xc, part_dz, rstd_n, out_xc, out_dz, zero):
+    """Block partials (blocks, C) summed in block order (fixed), then scaled by rstd."""
+    blocks, channels = part_xc.shape
+    for c in range(channels):
+        out_xc[c] = zero
+        out_dz[c] = zero
+    for k in range(blocks):
+        pk = part_xc[k]
+        qk = part_dz[k]
         for c in range(channels):
-            sum_dz_xhat[n, c] = zero
-            sum_dz[n, c] = zero
-        for k in range(blocks):           # fixed merge order
-            for c in range(channels):
-                sum_dz_xhat[n, c] += part_xc[n, k, c]
-                sum_dz[n, c] += part_dz[n, k, c]
-        for c in range(channels):
-            sum_dz_xhat[n, c] *= rstd_c[n, c]
+            out_xc[c] += pk[c]
+            out_dz[c] += qk[c]
+    for c in range(channels):
+        out_xc[c] *= rstd_n[c]
 
 
 @njit(**JIT)
@@ -146,32 +169,82 @@ def dx_rows(dy, x, dx, mean_c, a, b, p, q, act):
         dx_row(dy[r], x[r], dx[r], mean_c[r], a[r], b[r], p[r], q[r], act)
 
 
+@njit(**JIT)
+def dx_pixels(dyn, xn, dxn, lo, hi, mc, an, bn, pn, qn, act):
+    """dx over pixels lo..hi-1 of one sample (HW, C); a plain callee so it vectorises."""
+    channels = xn.shape[1]
+    if act == NONE:
+        for r in range(lo, hi):
+            xr = xn[r]
+            dr = dyn[r]
+            out = dxn[r]
+            for c in range(channels):
+                store(out, c, load(dr, c) * an[c] + (load(xr, c) - mc[c]) * pn[c] + qn[c])
+    else:
+        buf = np.empty(channels, an.dtype)
+        for r in range(lo, hi):
+            xr = xn[r]
+            dr = dyn[r]
+            out = dxn[r]
+            for c in range(channels):
+                buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
+            grad_block(buf, channels, act)
+            for c in range(channels):
+                store(out, c, load(dr, c) * buf[c] * an[c] + (load(xr, c) - mc[c]) * pn[c] + qn[c])
+
+
 @njit(parallel=True, **JIT)
 def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act):
     """Channels-last layout. dy, x, dx: (N, HW, C); coefficients: (N, C)."""
     n_batch, hw, channels = x.shape
-    block_rows = max(1, PIXEL_CHUNK // channels)
+    block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
     for task in prange(n_batch * blocks):
         n = task // blocks
         lo = (task - n * blocks) * block_rows
-        hi = min(lo + block_rows, hw)
-        mc = mean_c[n]
-        an = a[n]
-        bn = b[n]
-        pn = p[n]
-        qn = q[n]
-        buf = np.empty(channels, a.dtype)
+        dx_pixels(dy[n], x[n], dx[n], lo, min(lo + block_rows, hw), mean_c[n], a[n], b[n],
+                  p[n], q[n], act)
+
+
+
+@njit(**JIT)
+def fused_group(dy, x, dx, lo, hi, count, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat,
+                sum_dz, need_dx, zero):
+    """Whole backward of one group: rows lo..hi-1 of the (N*C, HW) contiguous layout.
+
+    The per-(n, c) sums exactly as reduce_rows forms them, the group's dx terms (in
+    float64, like coefs.dx_coefs), then dx while the group's rows are still warm in cache.
+    """
+    s_dxhat = 0.0
+    s_dxhat_xhat = 0.0
+    for r in range(lo, hi):
+        s_xc, s_dz = reduce_row(dy[r], x[r], mean_c[r], a[r], b[r], act, zero)
+        sxh = s_xc * rstd_c[r]
+        sum_dz_xhat[r] = sxh
+        sum_dz[r] = s_dz
+        s_dxhat += np.float64(s_dz) * gain[r]
+        s_dxhat_xhat += np.float64(sxh) * gain[r]
+    if need_dx:
+        rs = np.float64(rstd_c[lo])
+        inv_count = 1.0 / max(count, 1)
+        p = cast_like(-rs * rs * s_dxhat_xhat * inv_count, zero)
+        q = cast_like(-rs * s_dxhat * inv_count, zero)
         for r in range(lo, hi):
-            xr = x[n, r]
-            dr = dy[n, r]
-            out = dx[n, r]
-            if act == NONE:
-                for c in range(channels):
-                    store(out, c, load(dr, c) * an[c] + (load(xr, c) - mc[c]) * pn[c] + qn[c])
-            else:
-                for c in range(channels):
-                    buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
-                grad_block(buf, channels, act)
-                for c in range(channels):
-                    store(out, c, load(dr, c) * buf[c] * an[c] + (load(xr, c) - mc[c]) * pn[c] + qn[c])
+            dx_row(dy[r], x[r], dx[r], mean_c[r], a[r], b[r], p, q, act)
+
+
+@njit(parallel=True, **JIT)
+def backward_fused_rows(dy, x, dx, cpg, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat, sum_dz,
+                        need_dx, zero):
+    """Contiguous layout, one task per (n, g) (cpg consecutive rows). dy, x, dx: (N*C, HW);
+    mean_c, rstd_c, a, b, gain (= w * (1 + s), float64) and the outputs: (N*C,).
+
+    The result does not depend on the thread count: each group is one task, its sums are
+    formed in a fixed order.
+    """
+    rows, length = x.shape
+    count = cpg * length
+    for task in prange(rows // cpg):
+        lo = task * cpg
+        fused_group(dy, x, dx, lo, lo + cpg, count, mean_c, rstd_c, a, b, gain, act,
+                    sum_dz_xhat, sum_dz, need_dx, zero)

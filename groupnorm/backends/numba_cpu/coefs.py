@@ -61,3 +61,15 @@ def dx_coefs(rstd, sum_dxhat, sum_dxhat_xhat, count, channels):
                 p[n, c] = pg
                 q[n, c] = qg
     return p, q
+
+
+@njit(cache=True, error_model="numpy")
+def gain_coefs(weight, scale, n_batch, channels):
+    """w * (1 + s) per (n, c) as a flat float64 (N*C,) array (absent parameters: 1)."""
+    gain = np.empty(n_batch * channels, np.float64)
+    for n in range(n_batch):
+        for c in range(channels):
+            w = np.float64(weight[c]) if weight.size else 1.0
+            s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
+            gain[n * channels + c] = w * s1
+    return gain

@@ -12,8 +12,9 @@ import torch
 
 from . import alloc
 from .activations import CODES
-from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
-from .coefs import dx_coefs, z1_coefs
+from .backward_kernels import (backward_fused_rows, dx_channels_last, dx_rows, reduce_channels_last,
+                               reduce_rows)
+from .coefs import dx_coefs, gain_coefs, z1_coefs
 from .apply_kernels import apply_channels_last, apply_rows
 from .forward_kernels import GROUP_TASKS_MIN, forward_channels_last, forward_groups, forward_rows
 from .stats_kernels import stats_channels_last, stats_rows
@@ -28,11 +29,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of t's memory; half types as their raw bits."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
+    """A numpy view of t's memory; half types as their raw bits.
+
+    Torch calls cost microseconds each on small shapes, so the common path is one
+    ``.numpy()`` (plus ``.detach()`` only when needed); reshapes happen in numpy.
+    """
+    if t.requires_grad:
+        t = t.detach()
+    dtype = t.dtype
+    if dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype == torch.float16:
+    if dtype == torch.float16:
         return t.view(torch.int16).numpy()
     return t.numpy()
 
@@ -51,24 +58,37 @@ def spatial_size(x: torch.Tensor) -> int:
 
 def rows_view(x: torch.Tensor, rows: int) -> np.ndarray:
     """Contiguous x as (rows, numel / rows)."""
-    return as_numpy(x.detach().view(rows, -1))
+    return as_numpy(x).reshape(rows, -1)
+
+
+_TO_PIXELS = {d: (0,) + tuple(range(2, d)) + (1,) for d in range(2, 9)}
 
 
 def pixels_view(x: torch.Tensor) -> np.ndarray:
-    """Channels-last x as (N, HW, C), no copy."""
-    n, c = x.shape[0], x.shape[1]
-    return as_numpy(x.detach().movedim(1, -1).view(n, spatial_size(x), c))
+    """Channels-last x as (N, HW, C), no copy (a transpose of numpy strides, then a
+    reshape that numpy can do as a view because the transposed array is C-contiguous)."""
+    a = as_numpy(x).transpose(_TO_PIXELS[x.dim()])
+    return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
 def param(t, acc: torch.dtype) -> np.ndarray:
     """weight/bias (C,) or scale/shift (N, C) as a flat array in the accumulation dtype."""
     if t is None:
         return _EMPTY[acc]
-    return t.detach().to(acc).contiguous().view(-1).numpy()
+    if t.dtype != acc:
+        t = t.to(acc)
+    if t.requires_grad:
+        t = t.detach()
+    a = t.numpy() if t.is_contiguous() else t.contiguous().numpy()
+    return a if a.ndim == 1 else a.reshape(-1)
 
 
 def stat(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
-    return t.detach().to(acc).contiguous().numpy()
+    if t.dtype != acc:
+        t = t.to(acc)
+    if t.requires_grad:
+        t = t.detach()
+    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
 
 
 def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
@@ -162,6 +182,44 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
         dx_rows(rows_view(dy, n * c), rows_view(x, n * c), rows_view(dx, n * c), mean_c.reshape(-1),
                 a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act)
     return dx
+
+
+def backward_fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation,
+                   need_dx=True):
+    """backward_reduce and backward_dx in one call, for the single-process backward:
+    -> (sum_dz_xhat, sum_dz, dx or None).
+
+    An optional extension of the backend contract (not one of the five functions): the
+    op layer may call it when no all-reduce sits between the two stages. Contiguous x with
+    enough groups runs one task per (n, g): the sums, then dx while the group is still in
+    cache (x and dy are read from memory once instead of twice when a group fits in L2).
+    Other layouts run the two stages. dx matches backward_dx to rounding (the group sums
+    are formed in float64 here, from the same per-(n, c) sums).
+    """
+    n, c = x.shape[0], x.shape[1]
+    if is_channels_last(x) or n * num_groups < GROUP_TASKS_MIN:
+        from ...grad_terms import group_sums
+
+        s1, s0 = backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
+        dx = None
+        if need_dx:
+            g1, g2 = group_sums(s1, s0, weight, scale, num_groups)
+            dx = backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, g1, g2,
+                             x.numel() // (n * num_groups), num_groups, activation)
+        return s1, s0, dx
+    sync_with_torch(x.numel())
+    acc = acc_dtype(x.dtype)
+    sum_dz_xhat = alloc.empty((n, c), acc)
+    sum_dz = alloc.empty((n, c), acc)
+    dx = alloc.empty_like(x) if need_dx else x
+    mean_c, rstd_c, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
+    gain = gain_coefs(param(weight, acc), param(scale, acc), n, c)
+    dy = like_layout(dy, x)
+    backward_fused_rows(rows_view(dy, n * c), rows_view(x, n * c), rows_view(dx, n * c), c // num_groups,
+                        mean_c.reshape(-1), rstd_c.reshape(-1), a.reshape(-1), b.reshape(-1), gain,
+                        CODES[activation], sum_dz_xhat.view(-1).numpy(), sum_dz.view(-1).numpy(),
+                        bool(need_dx), _ZERO[acc])
+    return sum_dz_xhat, sum_dz, (dx if need_dx else None)
 
 
 def like_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
