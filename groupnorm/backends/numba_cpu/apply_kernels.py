@@ -43,8 +43,24 @@ def apply_span(xr, yr, start, length, m, ar, br, act, buf):
 
 
 @njit(**JIT)
+def apply_rows_none(x, y, lo, hi, mean_c, a, b):
+    """Rows lo..hi-1 without an activation, indexing the 2-D arrays directly: no per-row
+    views (each costs reference-count updates, as much as a short row's work)."""
+    length = x.shape[1]
+    for r in range(lo, hi):
+        m = mean_c[r]
+        ar = a[r]
+        br = b[r]
+        for i in range(length):
+            store(y, (r, i), (load(x, (r, i)) - m) * ar + br)
+
+
+@njit(**JIT)
 def apply_row_block(x, y, lo, hi, mean_c, a, b, act):
     """Rows lo..hi-1 of the contiguous layout, one staging buffer for all of them."""
+    if act == NONE:
+        apply_rows_none(x, y, lo, hi, mean_c, a, b)
+        return
     buf = np.empty(BLOCK, a.dtype)
     for r in range(lo, hi):
         apply_span(x[r], y[r], 0, x.shape[1], mean_c[r], a[r], b[r], act, buf)

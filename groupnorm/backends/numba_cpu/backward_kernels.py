@@ -28,6 +28,7 @@ BLOCK = 512           # staging buffer length for act'(z1)
 PIXEL_CHUNK = 32768   # channels-last: target elements per parallel task ...
 PIXEL_ROWS_MIN = 16   # ... but at least this many pixels ...
 PIXEL_ROWS_MAX = 512  # ... and at most this many (float32 per-channel partial sums)
+ROW_TASK_ELEMS = 16384  # contiguous layout: elements per parallel task (whole rows)
 JIT = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
 
@@ -59,14 +60,53 @@ def reduce_row(dr, xr, m, ar, br, act, zero):
     return s_xc, s_dz
 
 
-@njit(parallel=True, **JIT)
-def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
-    """Contiguous layout. dy, x: (N*C, HW); coefficients and outputs: (N*C,)."""
-    rows, length = x.shape
-    for r in prange(rows):
+@njit(**JIT)
+def reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
+    """reduce_row_block without an activation, indexing the 2-D arrays directly: no
+    per-row views (each costs reference-count updates, as much as a short row's work)."""
+    length = x.shape[1]
+    for r in range(lo, hi):
+        m = mean_c[r]
+        s_xc = zero
+        s_dz = zero
+        for i in range(length):
+            g = load(dy, (r, i))
+            s_xc += g * (load(x, (r, i)) - m)
+            s_dz += g
+        sum_dz_xhat[r] = s_xc * rstd_c[r]
+        sum_dz[r] = s_dz
+
+
+@njit(**JIT)
+def reduce_row_block(dy, x, lo, hi, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
+    """Rows lo..hi-1 of reduce_rows, in a plain callee."""
+    if act == NONE:
+        reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero)
+        return
+    for r in range(lo, hi):
         s_xc, s_dz = reduce_row(dy[r], x[r], mean_c[r], a[r], b[r], act, zero)
         sum_dz_xhat[r] = s_xc * rstd_c[r]
         sum_dz[r] = s_dz
+
+
+@njit(cache=True)
+def rows_per_task(length):
+    """Whole rows per parallel task, about ROW_TASK_ELEMS elements: a prange iteration
+    costs tens of nanoseconds, as much as a 64-element row's work."""
+    return max(1, ROW_TASK_ELEMS // max(length, 1))
+
+
+@njit(parallel=True, **JIT)
+def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
+    """Contiguous layout. dy, x: (N*C, HW); coefficients and outputs: (N*C,).
+    Each row's sums are formed by one call in a fixed order (any blocking of rows into
+    tasks gives the same bits)."""
+    rows, length = x.shape
+    per_task = rows_per_task(length)
+    for task in prange((rows + per_task - 1) // per_task):
+        lo = task * per_task
+        reduce_row_block(dy, x, lo, min(lo + per_task, rows), mean_c, rstd_c, a, b, act,
+                         sum_dz_xhat, sum_dz, zero)
 
 
 @njit(**JIT)
@@ -161,12 +201,36 @@ def dx_row(dr, xr, out, m, ar, br, pr, qr, act):
                 store(ob, j, load(db, j) * buf[j] * ar + (load(xb, j) - m) * pr + qr)
 
 
+@njit(**JIT)
+def dx_rows_none(dy, x, dx, lo, hi, mean_c, a, p, q):
+    """dx_row_block without an activation, 2-D indexing (no per-row views)."""
+    length = x.shape[1]
+    for r in range(lo, hi):
+        m = mean_c[r]
+        ar = a[r]
+        pr = p[r]
+        qr = q[r]
+        for i in range(length):
+            store(dx, (r, i), load(dy, (r, i)) * ar + (load(x, (r, i)) - m) * pr + qr)
+
+
+@njit(**JIT)
+def dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act):
+    if act == NONE:
+        dx_rows_none(dy, x, dx, lo, hi, mean_c, a, p, q)
+        return
+    for r in range(lo, hi):
+        dx_row(dy[r], x[r], dx[r], mean_c[r], a[r], b[r], p[r], q[r], act)
+
+
 @njit(parallel=True, **JIT)
 def dx_rows(dy, x, dx, mean_c, a, b, p, q, act):
     """Contiguous layout. dy, x, dx: (N*C, HW); coefficients: (N*C,)."""
     rows, length = x.shape
-    for r in prange(rows):
-        dx_row(dy[r], x[r], dx[r], mean_c[r], a[r], b[r], p[r], q[r], act)
+    per_task = rows_per_task(length)
+    for task in prange((rows + per_task - 1) // per_task):
+        lo = task * per_task
+        dx_row_block(dy, x, dx, lo, min(lo + per_task, rows), mean_c, a, b, p, q, act)
 
 
 @njit(**JIT)
@@ -209,28 +273,28 @@ def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act):
 
 @njit(**JIT)
 def fused_group(dy, x, dx, lo, hi, count, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat,
-                sum_dz, need_dx, zero):
+                sum_dz, need_dx, p, q, zero):
     """Whole backward of one group: rows lo..hi-1 of the (N*C, HW) contiguous layout.
 
     The per-(n, c) sums exactly as reduce_rows forms them, the group's dx terms (in
     float64, like coefs.dx_coefs), then dx while the group's rows are still warm in cache.
     """
+    reduce_row_block(dy, x, lo, hi, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero)
+    if not need_dx:
+        return
     s_dxhat = 0.0
     s_dxhat_xhat = 0.0
     for r in range(lo, hi):
-        s_xc, s_dz = reduce_row(dy[r], x[r], mean_c[r], a[r], b[r], act, zero)
-        sxh = s_xc * rstd_c[r]
-        sum_dz_xhat[r] = sxh
-        sum_dz[r] = s_dz
-        s_dxhat += np.float64(s_dz) * gain[r]
-        s_dxhat_xhat += np.float64(sxh) * gain[r]
-    if need_dx:
-        rs = np.float64(rstd_c[lo])
-        inv_count = 1.0 / max(count, 1)
-        p = cast_like(-rs * rs * s_dxhat_xhat * inv_count, zero)
-        q = cast_like(-rs * s_dxhat * inv_count, zero)
-        for r in range(lo, hi):
-            dx_row(dy[r], x[r], dx[r], mean_c[r], a[r], b[r], p, q, act)
+        s_dxhat += np.float64(sum_dz[r]) * gain[r]
+        s_dxhat_xhat += np.float64(sum_dz_xhat[r]) * gain[r]
+    rs = np.float64(rstd_c[lo])
+    inv_count = 1.0 / max(count, 1)
+    pg = -rs * rs * s_dxhat_xhat * inv_count
+    qg = -rs * s_dxhat * inv_count
+    for r in range(lo, hi):
+        p[r] = pg
+        q[r] = qg
+    dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act)
 
 
 @njit(parallel=True, **JIT)
@@ -244,7 +308,9 @@ def backward_fused_rows(dy, x, dx, cpg, mean_c, rstd_c, a, b, gain, act, sum_dz_
     """
     rows, length = x.shape
     count = cpg * length
+    p = np.empty(rows, a.dtype)
+    q = np.empty(rows, a.dtype)
     for task in prange(rows // cpg):
         lo = task * cpg
         fused_group(dy, x, dx, lo, lo + cpg, count, mean_c, rstd_c, a, b, gain, act,
-                    sum_dz_xhat, sum_dz, need_dx, zero)
+                    sum_dz_xhat, sum_dz, need_dx, p, q, zero)

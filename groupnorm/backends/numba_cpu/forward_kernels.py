@@ -15,7 +15,8 @@ from numba import prange
 
 from .apply_kernels import BLOCK, apply_channels_last, apply_rows, apply_span
 from .coefs import z1_coefs
-from .elements import cast_like
+from .activations import NONE
+from .elements import cast_like, load, store
 from .stats_kernels import row_moments, stats_channels_last, stats_rows
 
 JIT = dict(cache=True, error_model="numpy")
@@ -60,28 +61,39 @@ def forward_channels_last(x, y, weight, bias, scale, shift, eps, act, zero, mean
 def forward_groups(x_groups, y_groups, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd):
     """Contiguous layout, one task per (n, g). x_groups, y_groups: (N*G, C/G*HW);
     mean, rstd: (N, G) outputs."""
-    n_batch, groups = mean.shape
-    rows, length = x_groups.shape
+    for r in prange(x_groups.shape[0]):
+        group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract", "nsz"})   # as apply_kernels
+def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd):
+    """One (n, g) group of forward_groups: statistics, then the apply while it is warm.
+    A plain callee (the prange body's lowering keeps LLVM from vectorising)."""
+    groups = mean.shape[1]
+    length = x_groups.shape[1]
     cpg = length // hw
     channels = cpg * groups
-    inv_count = 1.0 / length
-    for r in prange(rows):
-        n = r // groups
-        g = r - n * groups
-        xr = x_groups[r]
-        yr = y_groups[r]
-        m, m2 = row_moments(xr, zero)
-        rs = 1.0 / np.sqrt(m2 * inv_count + eps)
-        mean[n, g] = m
-        rstd[n, g] = rs
-        m_acc = mean[n, g]
-        buf = np.empty(BLOCK, mean.dtype)
-        for cc in range(cpg):
-            c = g * cpg + cc
-            w = np.float64(weight[c]) if weight.size else 1.0
-            bb = np.float64(bias[c]) if bias.size else 0.0
-            s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
-            t = np.float64(shift[n * channels + c]) if shift.size else 0.0
-            a = cast_like(np.float64(rstd[n, g]) * w * s1, zero)
-            b = cast_like(bb * s1 + t, zero)
+    n = r // groups
+    g = r - n * groups
+    xr = x_groups[r]
+    yr = y_groups[r]
+    m, m2 = row_moments(xr, zero)
+    rs = 1.0 / np.sqrt(m2 * (1.0 / length) + eps)
+    mean[n, g] = m
+    rstd[n, g] = rs
+    m_acc = mean[n, g]
+    buf = np.empty(BLOCK if act != NONE else 0, mean.dtype)
+    for cc in range(cpg):
+        c = g * cpg + cc
+        w = np.float64(weight[c]) if weight.size else 1.0
+        bb = np.float64(bias[c]) if bias.size else 0.0
+        s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
+        t = np.float64(shift[n * channels + c]) if shift.size else 0.0
+        a = cast_like(np.float64(rstd[n, g]) * w * s1, zero)
+        b = cast_like(bb * s1 + t, zero)
+        if act == NONE:
+            lo = cc * hw
+            for i in range(hw):
+                store(y_groups, (r, lo + i), (load(x_groups, (r, lo + i)) - m_acc) * a + b)
+        else:
             apply_span(xr, yr, cc * hw, hw, m_acc, a, b, act, buf)
