@@ -85,14 +85,16 @@ def apply_rows(x, y, mean_c, a, b, act):
 def apply_pixels(xb, yb, mc, an, bn, act):
     """One (rows, C) channels-last block; a plain callee so LLVM vectorises it."""
     rows, channels = xb.shape
+    if act == NONE:        # 2-D indexing: no per-row views (reference-count updates)
+        for r in range(rows):
+            for c in range(channels):
+                store(yb, (r, c), (load(xb, (r, c)) - mc[c]) * an[c] + bn[c])
+        return
     buf = np.empty(channels, an.dtype)
     for r in range(rows):
         xr = xb[r]
         yr = yb[r]
-        if act == NONE:
-            for c in range(channels):
-                store(yr, c, (load(xr, c) - mc[c]) * an[c] + bn[c])
-        else:
+        if True:
             for c in range(channels):
                 buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
             activate_block(buf, channels, act)

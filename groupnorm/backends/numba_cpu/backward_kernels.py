@@ -117,13 +117,11 @@ def reduce_pixels(dyn, xn, lo, hi, mc, an, bn, act, acc_xc, acc_dz, zero):
     for c in range(channels):
         acc_xc[c] = zero
         acc_dz[c] = zero
-    if act == NONE:
+    if act == NONE:        # 2-D indexing: no per-row views (reference-count updates)
         for r in range(lo, hi):
-            xr = xn[r]
-            dr = dyn[r]
             for c in range(channels):
-                g = load(dr, c)
-                acc_xc[c] += g * (load(xr, c) - mc[c])
+                g = load(dyn, (r, c))
+                acc_xc[c] += g * (load(xn, (r, c)) - mc[c])
                 acc_dz[c] += g
     else:
         buf = np.empty(channels, acc_xc.dtype)
@@ -237,13 +235,10 @@ def dx_rows(dy, x, dx, mean_c, a, b, p, q, act):
 def dx_pixels(dyn, xn, dxn, lo, hi, mc, an, bn, pn, qn, act):
     """dx over pixels lo..hi-1 of one sample (HW, C); a plain callee so it vectorises."""
     channels = xn.shape[1]
-    if act == NONE:
+    if act == NONE:        # 2-D indexing: no per-row views (reference-count updates)
         for r in range(lo, hi):
-            xr = xn[r]
-            dr = dyn[r]
-            out = dxn[r]
             for c in range(channels):
-                store(out, c, load(dr, c) * an[c] + (load(xr, c) - mc[c]) * pn[c] + qn[c])
+                store(dxn, (r, c), load(dyn, (r, c)) * an[c] + (load(xn, (r, c)) - mc[c]) * pn[c] + qn[c])
     else:
         buf = np.empty(channels, an.dtype)
         for r in range(lo, hi):

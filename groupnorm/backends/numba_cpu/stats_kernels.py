@@ -117,9 +117,8 @@ def shifted_channel_sums(xn, lo, hi, s, q, shift):
         s[c] = 0.0
         q[c] = 0.0
     for r in range(lo + 1, hi):
-        row = xn[r]
-        for c in range(channels):
-            d = load(row, c) - shift[c]
+        for c in range(channels):        # 2-D indexing: no per-row views
+            d = load(xn, (r, c)) - shift[c]
             s[c] += d
             q[c] += d * d
 
