@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import ops, validation
+from . import eager, ops, validation
 from .epilogue import activation_name
 
 Tensor = torch.Tensor
@@ -50,4 +50,6 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         from .stats import group_norm_with_stats
 
         return group_norm_with_stats(x, num_groups, weight, bias, eps, act, scale, shift, stats)
+    if eager.usable(x, weight, bias, scale, shift):
+        return eager.group_norm(x, weight, bias, scale, shift, num_groups, float(eps), act)
     return ops.forward(x, weight, bias, scale, shift, num_groups, float(eps), act)[0]

@@ -51,16 +51,23 @@ def _empty_stats(x: Tensor, num_groups: int) -> Tensor:
 
 # --- forward --------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{LIB}::forward", mutates_args=())
-def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
-            shift: Optional[Tensor], num_groups: int, eps: float, activation: str
-            ) -> Tuple[Tensor, Tensor, Tensor]:
-    """y = act((x - mean) * rstd * weight + bias) * (1 + scale) + shift) and its statistics."""
+def forward_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+                 shift: Optional[Tensor], num_groups: int, eps: float, activation: str
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """What ``groupnorm::forward`` runs (also called directly by the eager fast path)."""
     if x.numel() == 0:
         rstd = torch.full(_stats_shape(x, num_groups), eps ** -0.5 if eps > 0 else float("inf"),
                           dtype=_stats_dtype(x), device=x.device)
         return torch.empty_like(x), _empty_stats(x, num_groups), rstd
     return _backend(x).forward(x, weight, bias, scale, shift, num_groups, eps, activation)
+
+
+@torch.library.custom_op(f"{LIB}::forward", mutates_args=())
+def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+            shift: Optional[Tensor], num_groups: int, eps: float, activation: str
+            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """y = act((x - mean) * rstd * weight + bias) * (1 + scale) + shift) and its statistics."""
+    return forward_impl(x, weight, bias, scale, shift, num_groups, eps, activation)
 
 
 @forward.register_fake
@@ -138,21 +145,45 @@ def _(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat, 
     return torch.empty_like(x)
 
 
+def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                  bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                  num_groups: int, activation: str, need_dx: bool) -> List[Tensor]:
+    """[dx, dweight, dbias, dscale, dshift]; absent parameters get empty tensors.
+
+    Calls the backend directly (not the stage ops: a nested custom-op dispatch costs tens of
+    microseconds each), through its optional ``backward_fused`` when it has one.
+    """
+    if x.numel() == 0:
+        sum_dz_xhat = torch.zeros(x.shape[:2], dtype=_stats_dtype(x), device=x.device)
+        sum_dz, dx = sum_dz_xhat.clone(), torch.empty_like(x)
+    else:
+        dy = _like_layout(dy, x)
+        backend = _backend(x)
+        fused = getattr(backend, "backward_fused", None)
+        if fused is not None:
+            sum_dz_xhat, sum_dz, dx = fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups,
+                                            activation, need_dx)
+        else:
+            sum_dz_xhat, sum_dz = backend.backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift,
+                                                          num_groups, activation)
+            dx = None
+            if need_dx:
+                s1, s2 = grad_terms.group_sums(sum_dz_xhat, sum_dz, weight, scale, num_groups)
+                dx = backend.backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, s1, s2,
+                                         _group_count(x, num_groups), num_groups, activation)
+    if not need_dx or dx is None:
+        dx = x.new_empty(0)
+    grads = grad_terms.param_grads(sum_dz_xhat, sum_dz, weight, bias, scale, shift)
+    # A fresh empty tensor for each absent gradient: custom-op outputs may not alias.
+    return [dx] + [x.new_empty(0) if g is None else g for g in grads]
+
+
 @torch.library.custom_op(f"{LIB}::backward", mutates_args=())
 def backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
              bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
              num_groups: int, activation: str, need_dx: bool) -> List[Tensor]:
-    """[dx, dweight, dbias, dscale, dshift]; absent parameters get empty tensors."""
-    sum_dz_xhat, sum_dz = backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
-    dweight, dbias, dscale, dshift = grad_terms.param_grads(sum_dz_xhat, sum_dz, weight, bias, scale, shift)
-    if need_dx:
-        s1, s2 = grad_terms.group_sums(sum_dz_xhat, sum_dz, weight, scale, num_groups)
-        dx = backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, s1, s2,
-                         _group_count(x, num_groups), num_groups, activation)
-    else:
-        dx = x.new_empty(0)
-    # A fresh empty tensor for each absent gradient: custom-op outputs may not alias.
-    return [dx] + [x.new_empty(0) if g is None else g for g in (dweight, dbias, dscale, dshift)]
+    """The whole backward as one op: [dx, dweight, dbias, dscale, dshift]."""
+    return backward_impl(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx)
 
 
 @backward.register_fake
@@ -173,22 +204,31 @@ def _like_layout(dy: Tensor, x: Tensor) -> Tensor:
 
 # --- autograd -------------------------------------------------------------------------
 
-def _setup_forward(ctx, inputs, output):
+def save_for_backward(ctx, inputs, mean, rstd) -> None:
+    """Keep what the backward recomputes from: x, the parameters and the statistics."""
     x, weight, bias, scale, shift, num_groups, eps, activation = inputs
-    _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
     ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
 
 
-def _backward_forward(ctx, dy, _dmean, _drstd):
+def input_grads(ctx, dy, backward_fn):
+    """Gradients of (x, weight, bias, scale, shift) for an autograd ctx filled above."""
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad[:5]
     if torch.is_grad_enabled():
         # create_graph=True (double backward): differentiate the reference composition,
         # which autograd can differentiate again.
-        return _differentiable_backward(ctx, dy, (x, weight, bias, scale, shift), needs) + (None, None, None)
-    grads = backward(dy, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups, ctx.activation, needs[0])
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+        return _differentiable_backward(ctx, dy, (x, weight, bias, scale, shift), needs)
+    grads = backward_fn(dy, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups, ctx.activation, needs[0])
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _setup_forward(ctx, inputs, output):
+    save_for_backward(ctx, inputs, output[1], output[2])
+
+
+def _backward_forward(ctx, dy, _dmean, _drstd):
+    return input_grads(ctx, dy, backward) + (None, None, None)
 
 
 def _differentiable_backward(ctx, dy, tensors, needs):

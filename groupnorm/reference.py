@@ -3,8 +3,10 @@
 Every function here follows the backend contract (see ``groupnorm/backends/__init__.py``),
 so the registry can hand it out like any kernel backend. Statistics use a shifted two-pass
 (mean first, then the sum of squared deviations), never E[x^2] - E[x]^2, so inputs with a
-large mean keep their precision. Arithmetic runs in float64 for float64 inputs and in
-float32 otherwise; the output is rounded to the input dtype once, at the end.
+large mean keep their precision. Arithmetic runs in float64 whatever the input dtype (this
+is the fallback and the oracle: accuracy over speed); statistics are returned in the
+contract's dtype (float32, float64 for float64 inputs) and the output is rounded to the
+input dtype once, at the end.
 """
 from __future__ import annotations
 
@@ -22,14 +24,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Internal arithmetic dtype of the reference.
+COMPUTE = torch.float64
+
+
 def _grouped(x: Tensor, num_groups: int) -> Tensor:
-    # (N, C, *) -> (N, G, C/G * HW) in logical NCHW order, in the accumulation dtype.
-    return x.reshape(x.shape[0], num_groups, -1).to(acc_dtype(x.dtype))
+    # (N, C, *) -> (N, G, C/G * HW) in logical NCHW order, in float64.
+    return x.reshape(x.shape[0], num_groups, -1).to(COMPUTE)
 
 
 def _per_channel(x: Tensor) -> Tensor:
-    # (N, C, *) -> (N, C, HW) in the accumulation dtype.
-    return x.reshape(x.shape[0], x.shape[1], -1).to(acc_dtype(x.dtype))
+    # (N, C, *) -> (N, C, HW) in float64.
+    return x.reshape(x.shape[0], x.shape[1], -1).to(COMPUTE)
 
 
 def _param(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
@@ -37,14 +43,15 @@ def _param(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
 
 
 def stats(x: Tensor, num_groups: int) -> Tuple[Tensor, Tensor]:
-    """Per-(n, g) mean and m2 = sum((x - mean)^2), each (N, G), in the accumulation dtype."""
+    """Per-(n, g) mean and m2 = sum((x - mean)^2), each (N, G), in the statistics dtype."""
     xg = _grouped(x, num_groups)
+    acc = acc_dtype(x.dtype)
     if xg.shape[-1] == 0:
-        zeros = xg.new_zeros(xg.shape[:2])
+        zeros = x.new_zeros(xg.shape[:2], dtype=acc)
         return zeros, zeros.clone()
     mean = xg.mean(dim=-1)
     m2 = (xg - mean.unsqueeze(-1)).square().sum(dim=-1)
-    return mean, m2
+    return mean.to(acc), m2.to(acc)
 
 
 def rstd_from_m2(m2: Tensor, count: int, eps: float) -> Tensor:
@@ -90,12 +97,18 @@ def apply(x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation
 
 
 def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activation: str):
-    """(y, mean, rstd): the whole forward, statistics then apply."""
-    mean, m2 = stats(x, num_groups)
-    count = x.numel() // max(x.shape[0] * num_groups, 1)
-    rstd = rstd_from_m2(m2, count, eps)
+    """(y, mean, rstd): the whole forward, statistics then apply (float64 throughout; the
+    returned statistics are rounded to the contract's dtype after use)."""
+    xg = _grouped(x, num_groups)
+    acc = acc_dtype(x.dtype)
+    if xg.shape[-1] == 0:
+        mean, m2 = x.new_zeros(xg.shape[:2], dtype=COMPUTE), x.new_zeros(xg.shape[:2], dtype=COMPUTE)
+    else:
+        mean = xg.mean(dim=-1)
+        m2 = (xg - mean.unsqueeze(-1)).square().sum(dim=-1)
+    rstd = rstd_from_m2(m2, xg.shape[-1], eps)
     y = apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
-    return y, mean, rstd
+    return y, mean.to(acc), rstd.to(acc)
 
 
 def _grad_pre_activation(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
@@ -111,7 +124,8 @@ def _grad_pre_activation(dy, x, mean, rstd, weight, bias, scale, shift, num_grou
 def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation: str):
     """Per-(n, c) sums over the spatial positions: (sum(dz1 * xhat), sum(dz1)), each (N, C)."""
     xhat, dz1 = _grad_pre_activation(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
-    return (dz1 * xhat).sum(dim=-1), dz1.sum(dim=-1)
+    acc = acc_dtype(x.dtype)
+    return (dz1 * xhat).sum(dim=-1).to(acc), dz1.sum(dim=-1).to(acc)
 
 
 def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat,
