@@ -28,6 +28,7 @@ BLOCK = 512           # staging buffer length for act'(z1)
 PIXEL_CHUNK = 32768   # channels-last: target elements per parallel task ...
 PIXEL_ROWS_MIN = 16   # ... but at least this many pixels ...
 PIXEL_ROWS_MAX = 512  # ... and at most this many (float32 per-channel partial sums)
+SUM_BLOCK = 4096        # elements summed in the accumulation dtype before a float64 add
 ROW_TASK_ELEMS = 16384  # contiguous layout: elements per parallel task (whole rows)
 JIT = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
@@ -35,15 +36,26 @@ JIT = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "ns
 @njit(**JIT)
 def reduce_row(dr, xr, m, ar, br, act, zero):
     """(sum(dz1 * (x - mean)), sum(dz1)) over one (n, c) row. A plain callee, not a prange
-    body: Numba's parallel lowering keeps LLVM from vectorising loop bodies."""
+    body: Numba's parallel lowering keeps LLVM from vectorising loop bodies.
+
+    Sums run in the accumulation dtype within blocks of SUM_BLOCK elements and in float64
+    across blocks: a float32 running sum over ~1e9 elements would stall (2^24 per lane)."""
     length = xr.shape[0]
-    s_xc = zero
-    s_dz = zero
+    t_xc = 0.0
+    t_dz = 0.0
     if act == NONE:
-        for i in range(length):
-            g = load(dr, i)
-            s_xc += g * (load(xr, i) - m)
-            s_dz += g
+        for lo in range(0, length, SUM_BLOCK):
+            count = min(SUM_BLOCK, length - lo)
+            xb = xr[lo:lo + count]
+            db = dr[lo:lo + count]
+            s_xc = zero
+            s_dz = zero
+            for i in range(count):
+                g = load(db, i)
+                s_xc += g * (load(xb, i) - m)
+                s_dz += g
+            t_xc += s_xc
+            t_dz += s_dz
     else:
         buf = np.full(BLOCK, zero)
         for lo in range(0, length, BLOCK):
@@ -53,11 +65,15 @@ def reduce_row(dr, xr, m, ar, br, act, zero):
             for j in range(count):
                 buf[j] = (load(xb, j) - m) * ar + br
             grad_block(buf, count, act)
+            s_xc = zero
+            s_dz = zero
             for j in range(count):
                 g = load(db, j) * buf[j]
                 s_xc += g * (load(xb, j) - m)
                 s_dz += g
-    return s_xc, s_dz
+            t_xc += s_xc
+            t_dz += s_dz
+    return t_xc, t_dz
 
 
 @njit(**JIT)
@@ -65,6 +81,12 @@ def reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
     """reduce_row_block without an activation, indexing the 2-D arrays directly: no
     per-row views (each costs reference-count updates, as much as a short row's work)."""
     length = x.shape[1]
+    if length > SUM_BLOCK:   # long rows: blocked float64 totals (see reduce_row)
+        for r in range(lo, hi):
+            s_xc, s_dz = reduce_row(dy[r], x[r], mean_c[r], zero, zero, NONE, zero)
+            sum_dz_xhat[r] = s_xc * rstd_c[r]
+            sum_dz[r] = s_dz
+        return
     for r in range(lo, hi):
         m = mean_c[r]
         s_xc = zero
@@ -165,17 +187,17 @@ def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, 
 def merge_blocks(part_xc, part_dz, rstd_n, out_xc, out_dz, zero):
     """Block partials (blocks, C) summed in block order (fixed), then scaled by rstd."""
     blocks, channels = part_xc.shape
-    for c in range(channels):
-        out_xc[c] = zero
-        out_dz[c] = zero
+    tot_xc = np.zeros(channels, np.float64)   # float64 across blocks: no stall at large HW
+    tot_dz = np.zeros(channels, np.float64)
     for k in range(blocks):
         pk = part_xc[k]
         qk = part_dz[k]
         for c in range(channels):
-            out_xc[c] += pk[c]
-            out_dz[c] += qk[c]
+            tot_xc[c] += pk[c]
+            tot_dz[c] += qk[c]
     for c in range(channels):
-        out_xc[c] *= rstd_n[c]
+        out_xc[c] = tot_xc[c] * rstd_n[c]
+        out_dz[c] = tot_dz[c]
 
 
 @njit(**JIT)
