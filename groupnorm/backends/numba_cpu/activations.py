@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import njit
 
 # Activation codes, in the order of groupnorm.epilogue.ACTIVATIONS.
@@ -68,6 +69,36 @@ def activate_grad(z, act):
     return 1.0
 
 
+# float32 exp(-z) without libm (PyPI's llvmlite has no SVML, so math.exp never vectorises):
+# k = round(-z / ln2), r = -z - k ln2 (two-part ln2), exp(r) by a degree-7 polynomial on
+# |r| <= ln2/2 (truncation < 6e-9), 2^k assembled from exponent bits. <= 2 ulp of expf.
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_LO = np.float32(-87.0)   # keeps 2^k a normal float32
+_EXP_HI = np.float32(88.0)
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
+_P2, _P3, _P4, _P5, _P6, _P7 = (np.float32(1.0 / math.factorial(i)) for i in range(2, 8))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+def exp_neg_f32(buf, count):
+    """exp(-buf[:count]) as a new float32 array, in straight vectorisable loops."""
+    bits = np.empty(count, np.int32)
+    poly = np.empty(count, np.float32)
+    for j in range(count):
+        z = min(max(np.float32(-buf[j]), _EXP_LO), _EXP_HI)
+        k = np.floor(z * _LOG2E + _HALF)
+        r = z - k * _LN2_HI - k * _LN2_LO
+        poly[j] = _ONE + r * (_ONE + r * (_P2 + r * (_P3 + r * (_P4 + r * (_P5 + r * (_P6 + r * _P7))))))
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    for j in range(count):
+        poly[j] *= scale[j]
+    return poly
+
+
 @njit(cache=True)
 def activate_block(buf, count, act):
     """buf[:count] = act(buf[:count]); one branch per block keeps the loops tight."""
@@ -75,6 +106,10 @@ def activate_block(buf, count, act):
         for j in range(count):
             v = buf[j]
             buf[j] = v if not v <= 0 else 0.0
+    elif act == SILU and buf.itemsize == 4:   # float32 staging: vectorised sigmoid
+        e = exp_neg_f32(buf, count)
+        for j in range(count):
+            buf[j] = buf[j] / (_ONE + e[j])
     elif act == SILU:
         for j in range(count):
             buf[j] = activate(buf[j], SILU)
@@ -95,6 +130,11 @@ def grad_block(buf, count, act):
     if act == RELU:
         for j in range(count):
             buf[j] = 1.0 if buf[j] > 0 else 0.0
+    elif act == SILU and buf.itemsize == 4:
+        e = exp_neg_f32(buf, count)
+        for j in range(count):
+            sg = _ONE / (_ONE + e[j])
+            buf[j] = sg * (_ONE + buf[j] * (_ONE - sg))
     elif act == SILU:
         for j in range(count):
             buf[j] = activate_grad(buf[j], SILU)
