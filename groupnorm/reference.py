@@ -42,15 +42,20 @@ def _param(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(acc)
 
 
+def _moments64(x: Tensor, num_groups: int) -> Tuple[Tensor, Tensor, int]:
+    # Shifted two-pass in float64: (mean, m2, count per group).
+    xg = _grouped(x, num_groups)
+    if xg.shape[-1] == 0:
+        zeros = x.new_zeros(xg.shape[:2], dtype=COMPUTE)
+        return zeros, zeros.clone(), 0
+    mean = xg.mean(dim=-1)
+    return mean, (xg - mean.unsqueeze(-1)).square().sum(dim=-1), xg.shape[-1]
+
+
 def stats(x: Tensor, num_groups: int) -> Tuple[Tensor, Tensor]:
     """Per-(n, g) mean and m2 = sum((x - mean)^2), each (N, G), in the statistics dtype."""
-    xg = _grouped(x, num_groups)
+    mean, m2, _ = _moments64(x, num_groups)
     acc = acc_dtype(x.dtype)
-    if xg.shape[-1] == 0:
-        zeros = x.new_zeros(xg.shape[:2], dtype=acc)
-        return zeros, zeros.clone()
-    mean = xg.mean(dim=-1)
-    m2 = (xg - mean.unsqueeze(-1)).square().sum(dim=-1)
     return mean.to(acc), m2.to(acc)
 
 
@@ -99,15 +104,10 @@ def apply(x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation
 def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activation: str):
     """(y, mean, rstd): the whole forward, statistics then apply (float64 throughout; the
     returned statistics are rounded to the contract's dtype after use)."""
-    xg = _grouped(x, num_groups)
-    acc = acc_dtype(x.dtype)
-    if xg.shape[-1] == 0:
-        mean, m2 = x.new_zeros(xg.shape[:2], dtype=COMPUTE), x.new_zeros(xg.shape[:2], dtype=COMPUTE)
-    else:
-        mean = xg.mean(dim=-1)
-        m2 = (xg - mean.unsqueeze(-1)).square().sum(dim=-1)
-    rstd = rstd_from_m2(m2, xg.shape[-1], eps)
+    mean, m2, count = _moments64(x, num_groups)
+    rstd = rstd_from_m2(m2, count, eps)
     y = apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
+    acc = acc_dtype(x.dtype)
     return y, mean.to(acc), rstd.to(acc)
 
 
