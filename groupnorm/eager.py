@@ -23,17 +23,22 @@ def _plain(t) -> bool:
     return t is None or type(t) is torch.Tensor
 
 
-def usable(x: Tensor, *others) -> bool:
-    """True when nothing can observe the difference between the op and a direct call."""
-    if not ENABLED or type(x) is not torch.Tensor or not all(_plain(t) for t in others):
+_is_compiling = torch.compiler.is_compiling
+_function_mode_on = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def usable(x: Tensor, weight=None, bias=None, scale=None, shift=None) -> bool:
+    """True when nothing can observe the difference between the op and a direct call.
+    (Cheapest checks first: this runs on every eager call.)"""
+    if not ENABLED or type(x) is not torch.Tensor or not (_plain(weight) and _plain(bias)):
         return False
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    if not (scale is None and shift is None) and not (_plain(scale) and _plain(shift)):
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if _function_mode_on() or _dispatch_modes() or _is_compiling() or _functorch_wrapped(x):
         return False
-    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
-        return False
-    return not torch.is_autocast_enabled(x.device.type)
+    return not torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
 
 
 class GroupNormFunction(torch.autograd.Function):
@@ -47,10 +52,16 @@ class GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return ops.input_grads(ctx, dy, ops.backward_impl) + (None, None, None)
+        return ops.input_grads(ctx, dy, ops.backward_grads) + (None, None, None)
+
+
+def _needs_grad(x, weight, bias, scale, shift) -> bool:
+    return (x.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad) or (scale is not None and scale.requires_grad)
+            or (shift is not None and shift.requires_grad))
 
 
 def group_norm(x, weight, bias, scale, shift, num_groups: int, eps: float, activation: str) -> Tensor:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
+    if torch.is_grad_enabled() and _needs_grad(x, weight, bias, scale, shift):
         return GroupNormFunction.apply(x, weight, bias, scale, shift, num_groups, eps, activation)
     return ops.forward_impl(x, weight, bias, scale, shift, num_groups, eps, activation)[0]

@@ -36,8 +36,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         return handle_torch_function(
             group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps,
             activation=activation, scale=scale, shift=shift, stats=stats, process_group=process_group)
-    validation.check_inputs(input, num_groups, weight, bias, scale, shift)
-    act = activation_name(activation)
+    if not (scale is None and shift is None and validation.common_case_ok(input, num_groups, weight, bias)):
+        validation.check_inputs(input, num_groups, weight, bias, scale, shift)
+    act = "none" if activation is None else activation_name(activation)
     if stats is not None and process_group is not None:
         raise ValueError("group_norm(): pass either stats= or process_group=, not both "
                          "(a process group computes the statistics itself)")

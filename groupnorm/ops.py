@@ -145,37 +145,46 @@ def _(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat, 
     return torch.empty_like(x)
 
 
-def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                  bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                  num_groups: int, activation: str, need_dx: bool) -> List[Tensor]:
-    """[dx, dweight, dbias, dscale, dshift]; absent parameters get empty tensors.
+def backward_grads(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                   bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                   num_groups: int, activation: str, need_dx: bool) -> Tuple[Optional[Tensor], ...]:
+    """(dx, dweight, dbias, dscale, dshift), None where absent or not needed (dx).
 
     Calls the backend directly (not the stage ops: a nested custom-op dispatch costs tens of
-    microseconds each), through its optional ``backward_fused`` when it has one.
+    microseconds each): its optional ``backward_grads`` or ``backward_fused`` when it has
+    them, else the two contract stages.
     """
     if x.numel() == 0:
         sum_dz_xhat = torch.zeros(x.shape[:2], dtype=_stats_dtype(x), device=x.device)
-        sum_dz, dx = sum_dz_xhat.clone(), torch.empty_like(x)
+        grads = grad_terms.param_grads(sum_dz_xhat, sum_dz_xhat.clone(), weight, bias, scale, shift)
+        return (torch.empty_like(x) if need_dx else None,) + tuple(grads)
+    dy = _like_layout(dy, x)
+    backend = _backend(x)
+    whole = getattr(backend, "backward_grads", None)
+    if whole is not None:
+        return whole(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx)
+    fused = getattr(backend, "backward_fused", None)
+    if fused is not None:
+        sum_dz_xhat, sum_dz, dx = fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups,
+                                        activation, need_dx)
     else:
-        dy = _like_layout(dy, x)
-        backend = _backend(x)
-        fused = getattr(backend, "backward_fused", None)
-        if fused is not None:
-            sum_dz_xhat, sum_dz, dx = fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups,
-                                            activation, need_dx)
-        else:
-            sum_dz_xhat, sum_dz = backend.backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift,
-                                                          num_groups, activation)
-            dx = None
-            if need_dx:
-                s1, s2 = grad_terms.group_sums(sum_dz_xhat, sum_dz, weight, scale, num_groups)
-                dx = backend.backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, s1, s2,
-                                         _group_count(x, num_groups), num_groups, activation)
-    if not need_dx or dx is None:
-        dx = x.new_empty(0)
-    grads = grad_terms.param_grads(sum_dz_xhat, sum_dz, weight, bias, scale, shift)
-    # A fresh empty tensor for each absent gradient: custom-op outputs may not alias.
-    return [dx] + [x.new_empty(0) if g is None else g for g in grads]
+        sum_dz_xhat, sum_dz = backend.backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift,
+                                                      num_groups, activation)
+        dx = None
+        if need_dx:
+            s1, s2 = grad_terms.group_sums(sum_dz_xhat, sum_dz, weight, scale, num_groups)
+            dx = backend.backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, s1, s2,
+                                     _group_count(x, num_groups), num_groups, activation)
+    return (dx,) + tuple(grad_terms.param_grads(sum_dz_xhat, sum_dz, weight, bias, scale, shift))
+
+
+def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                  bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                  num_groups: int, activation: str, need_dx: bool) -> List[Tensor]:
+    """[dx, dweight, dbias, dscale, dshift] for the op; absent ones as fresh empty tensors
+    (custom-op outputs may be neither None nor aliases of each other)."""
+    grads = backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx)
+    return [x.new_empty(0) if g is None else g for g in grads]
 
 
 @torch.library.custom_op(f"{LIB}::backward", mutates_args=())

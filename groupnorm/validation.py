@@ -82,6 +82,33 @@ def _check_scale_shift(name: str, t: Optional[torch.Tensor], x: torch.Tensor) ->
     _check_device(name, t, x)
 
 
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+
+
+def _plain_param_ok(t, x: torch.Tensor, channels: int) -> bool:
+    if t is None:
+        return True
+    if type(t) is not torch.Tensor or t.dim() != 1 or t.shape[0] != channels or t.device != x.device:
+        return False
+    return t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in HALF_DTYPES)
+
+
+def common_case_ok(x, num_groups, weight, bias) -> bool:
+    """True for the everyday valid call (a plain float tensor, an int num_groups dividing C,
+    matching 1-D parameters), decided in about a microsecond. False means "not sure": the
+    caller then runs check_inputs, which raises torch's exception for whatever is wrong."""
+    if type(x) is not torch.Tensor or type(num_groups) is not int or num_groups <= 0:
+        return False
+    shape = x.shape
+    if len(shape) < 2 or shape[1] % num_groups or x.dtype not in _FLOAT_SET:
+        return False
+    if x.numel() == num_groups:   # one value per group: torch's training-mode ValueError
+        return False
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        return False
+    return _plain_param_ok(weight, x, shape[1]) and _plain_param_ok(bias, x, shape[1])
+
+
 def check_inputs(x, num_groups, weight=None, bias=None, scale=None, shift=None, *, training_check=True) -> None:
     """Every check of F.group_norm, in torch's order, plus our keyword extras."""
     if not isinstance(x, torch.Tensor):

@@ -65,3 +65,28 @@ def test_stats_and_process_group_are_exclusive():
     stats = groupnorm.group_stats(X, 3)
     with pytest.raises(ValueError, match="not both"):
         groupnorm.group_norm(X, 3, stats=stats, process_group=object())
+
+
+@pytest.mark.parametrize("name,call,pattern", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_quick_acceptance_never_waves_bad_input_through(name, call, pattern):
+    """validation.common_case_ok skips the full checks on the hot path: it must say "not
+    sure" (False) for every call the full checks refuse."""
+    from groupnorm import validation
+
+    seen = []
+    call(lambda x, num_groups, weight=None, bias=None: seen.append((x, num_groups, weight, bias)))
+    assert not validation.common_case_ok(*seen[0])
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16), (torch.float64, torch.float64)])
+def test_quick_acceptance_takes_everyday_calls(dtype, param_dtype):
+    from groupnorm import validation
+
+    x = X.to(dtype)
+    w = torch.ones(6, dtype=param_dtype)
+    assert validation.common_case_ok(x, 3, w, w.clone())
+    assert validation.common_case_ok(x, 3, None, None)
+    other = torch.float64 if param_dtype != torch.float64 else torch.float32
+    assert not validation.common_case_ok(x, 3, w, torch.ones(6, dtype=other))  # dtypes differ
+    assert not validation.common_case_ok(x, True, None, None)  # a bool is not a group count

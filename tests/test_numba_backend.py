@@ -25,6 +25,12 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(alloc, "empty_like", lambda x: torch.full_like(x, float("nan")))
     monkeypatch.setattr(alloc, "empty", lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
 
+    def nan_pair(shape, dtype):
+        t = torch.full(shape, float("nan"), dtype=dtype)
+        return t, t.numpy()
+
+    monkeypatch.setattr(alloc, "empty_pair", nan_pair)
+
 
 def make_x(shape, dtype, channels_last=False, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -285,3 +291,20 @@ def test_vectorised_exp_matches_float64_within_two_ulp():
     want = np.exp(-z.astype(np.float64))
     rel = np.abs(got - want) / want
     assert rel.max() < 2.5 * np.finfo(np.float32).eps, rel.max()
+
+
+def test_numba_threads_follow_torch_after_a_change():
+    """threads.sync_with_torch memoises what it set; a change of torch's count still lands."""
+    from groupnorm.backends.numba_cpu import threads
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads")
+    old = torch.get_num_threads()
+    try:
+        for wanted in (1, 2, 1):
+            torch.set_num_threads(wanted)
+            assert threads.sync_with_torch(1 << 20) == wanted
+            assert numba.get_num_threads() == wanted
+        assert threads.sync_with_torch(10) == 1   # tiny inputs stay on the calling thread
+    finally:
+        torch.set_num_threads(old)

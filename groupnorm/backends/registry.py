@@ -66,9 +66,39 @@ def backend_name(device_type: str) -> str:
     return "reference"
 
 
+_ENV_KEYS: Dict[str, object] = {}
+_RESOLVED: Dict[tuple, ModuleType] = {}
+# os.environ.get costs ~1 us on a miss (it raises and catches KeyError); its backing dict
+# (a CPython detail, kept in sync by os.environ's setters) answers in ~0.1 us.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENCODE = getattr(os.environ, "encodekey", None)
+_FAST_ENV = isinstance(_ENV_DATA, dict) and callable(_ENCODE)
+
+
+def _env_key(device_type: str):
+    name = f"GROUPNORM_BACKEND_{device_type.upper()}"
+    return _ENCODE(name) if _FAST_ENV else name
+
+
+def _env_value(key):
+    return _ENV_DATA.get(key) if _FAST_ENV else os.environ.get(key)
+
+
 def backend_for(device_type: str) -> ModuleType:
-    """The backend module for a device type (see the contract in ``groupnorm.backends``)."""
-    return load(backend_name(device_type))
+    """The backend module for a device type (see the contract in ``groupnorm.backends``).
+
+    Runs on every call, so the resolution is memoised on what can change it (this
+    thread's override and the environment variable), read afresh each time.
+    """
+    key = _ENV_KEYS.get(device_type)
+    if key is None:
+        key = _ENV_KEYS[device_type] = _env_key(device_type)
+    forced = getattr(_local, "forced", None)
+    memo = (device_type, forced.get(device_type) if forced else None, _env_value(key))
+    module = _RESOLVED.get(memo)
+    if module is None:
+        module = _RESOLVED[memo] = load(backend_name(device_type))
+    return module
 
 
 @contextlib.contextmanager

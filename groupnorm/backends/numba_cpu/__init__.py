@@ -1,14 +1,15 @@
 """Numba CPU backend: the five contract functions (see ``groupnorm.backends``), plus
 ``backward_fused`` (both backward stages in one call, for a backward with no all-reduce
-between them; see launch.backward_fused).
+between them; see launch.backward_fused) and ``backward_grads`` (the same, returning the
+input gradients themselves).
 
 Modules, one job each: ``bits`` (half <-> float32 bit conversion), ``elements`` (typed
 load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
-``forward_kernels``, ``backward_kernels``, ``threads``, ``alloc`` and ``launch`` (the torch
-glue). ``warmup()`` compiles the common signatures and returns the seconds it took.
+``forward_kernels``, ``backward_kernels``, ``entries`` (compiled glue: one call per backward),
+``threads``, ``alloc`` and ``launch`` (the torch glue). ``warmup()`` compiles the common signatures and returns the seconds it took.
 """
-from .launch import apply, backward_dx, backward_fused, backward_reduce, forward, stats
+from .launch import apply, backward_dx, backward_fused, backward_grads, backward_reduce, forward, stats
 from .warmup import compile_time_report, warmup
 
-__all__ = ["forward", "stats", "apply", "backward_reduce", "backward_dx", "backward_fused", "warmup",
+__all__ = ["forward", "stats", "apply", "backward_reduce", "backward_dx", "backward_fused", "backward_grads", "warmup",
            "compile_time_report"]

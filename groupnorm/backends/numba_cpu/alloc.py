@@ -35,9 +35,19 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """A contiguous statistics / reduction tensor."""
     return torch.empty(shape, dtype=dtype)
+
+
+def empty_pair(shape, dtype: torch.dtype):
+    """(tensor, its numpy view) for a float32/float64 statistics output: allocating in
+    numpy and wrapping costs ~1.3 us against ~3 us for torch.empty plus .numpy()."""
+    array = np.empty(shape, _NUMPY_DTYPES[dtype])
+    return torch.from_numpy(array), array
 
 
 def huge_page_tensor(nbytes: int, dtype: torch.dtype) -> torch.Tensor:

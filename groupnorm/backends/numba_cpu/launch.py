@@ -12,9 +12,9 @@ import torch
 
 from . import alloc
 from .activations import CODES
-from .backward_kernels import (backward_fused_rows, dx_channels_last, dx_rows, reduce_channels_last,
-                               reduce_rows)
-from .coefs import dx_coefs, gain_coefs, z1_coefs
+from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
+from .coefs import dx_coefs, z1_coefs
+from .entries import backward_channels_last, backward_rows_fused, backward_rows_two_stage, column_sums
 from .apply_kernels import apply_channels_last, apply_rows
 from .forward_kernels import GROUP_TASKS_MIN, forward_channels_last, forward_groups, forward_rows
 from .stats_kernels import stats_channels_last, stats_rows
@@ -34,14 +34,12 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     Torch calls cost microseconds each on small shapes, so the common path is one
     ``.numpy()`` (plus ``.detach()`` only when needed); reshapes happen in numpy.
     """
-    if t.requires_grad:
-        t = t.detach()
     dtype = t.dtype
     if dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
+        return t.view(torch.int16).numpy(force=True).view(np.uint16)
     if dtype == torch.float16:
-        return t.view(torch.int16).numpy()
-    return t.numpy()
+        return t.view(torch.int16).numpy(force=True)
+    return t.numpy(force=True)   # force: detaches a tensor that requires grad (no copy)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -77,38 +75,41 @@ def param(t, acc: torch.dtype) -> np.ndarray:
         return _EMPTY[acc]
     if t.dtype != acc:
         t = t.to(acc)
-    if t.requires_grad:
-        t = t.detach()
-    a = t.numpy() if t.is_contiguous() else t.contiguous().numpy()
+    a = t.numpy(force=True) if t.is_contiguous() else t.contiguous().numpy(force=True)
     return a if a.ndim == 1 else a.reshape(-1)
 
 
 def stat(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     if t.dtype != acc:
         t = t.to(acc)
-    if t.requires_grad:
-        t = t.detach()
-    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
+    return t.numpy(force=True) if t.is_contiguous() else t.contiguous().numpy(force=True)
 
 
 def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
     sync_with_torch(x.numel())
-    n, c = x.shape[0], x.shape[1]
+    shape = x.shape
+    n, c = shape[0], shape[1]
     acc = acc_dtype(x.dtype)
     y = alloc.empty_like(x)
-    mean = alloc.empty((n, num_groups), acc)
-    rstd = alloc.empty((n, num_groups), acc)
-    w, b, s, t = param(weight, acc), param(bias, acc), param(scale, acc), param(shift, acc)
+    mean, mean_np = alloc.empty_pair((n, num_groups), acc)
+    rstd, rstd_np = alloc.empty_pair((n, num_groups), acc)
+    w, b = param(weight, acc), param(bias, acc)
+    s = t = _EMPTY[acc]
+    if scale is not None or shift is not None:
+        s, t = param(scale, acc), param(shift, acc)
     act = CODES[activation]
-    if is_channels_last(x):
-        forward_channels_last(pixels_view(x), pixels_view(y), w, b, s, t, float(eps), act,
-                              _ZERO[acc], mean.numpy(), rstd.numpy())
+    eps = float(eps)
+    if not x.is_contiguous():
+        forward_channels_last(pixels_view(x), pixels_view(y), w, b, s, t, eps, act,
+                              _ZERO[acc], mean_np, rstd_np)
     elif n * num_groups >= GROUP_TASKS_MIN:
-        forward_groups(rows_view(x, n * num_groups), rows_view(y, n * num_groups), spatial_size(x),
-                       w, b, s, t, float(eps), act, _ZERO[acc], mean.numpy(), rstd.numpy())
+        rows = n * num_groups
+        forward_groups(as_numpy(x).reshape(rows, -1), as_numpy(y).reshape(rows, -1), x.numel() // (n * c),
+                       w, b, s, t, eps, act, _ZERO[acc], mean_np, rstd_np)
     else:
-        forward_rows(rows_view(x, n * num_groups), rows_view(x, n * c), rows_view(y, n * c),
-                     w, b, s, t, float(eps), act, _ZERO[acc], mean.numpy(), rstd.numpy())
+        xa = as_numpy(x)
+        forward_rows(xa.reshape(n * num_groups, -1), xa.reshape(n * c, -1), as_numpy(y).reshape(n * c, -1),
+                     w, b, s, t, eps, act, _ZERO[acc], mean_np, rstd_np)
     return y, mean, rstd
 
 
@@ -190,36 +191,61 @@ def backward_fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     -> (sum_dz_xhat, sum_dz, dx or None).
 
     An optional extension of the backend contract (not one of the five functions): the
-    op layer may call it when no all-reduce sits between the two stages. Contiguous x with
-    enough groups runs one task per (n, g): the sums, then dx while the group is still in
-    cache (x and dy are read from memory once instead of twice when a group fits in L2).
-    Other layouts run the two stages. dx matches backward_dx to rounding (the group sums
-    are formed in float64 here, from the same per-(n, c) sums).
+    op layer may call it when no all-reduce sits between the two stages. One compiled entry
+    (see entries) forms the coefficients and runs the kernels: contiguous x with enough
+    groups runs one task per (n, g) (the sums, then dx while the group is still in cache);
+    other layouts run the two stages back to back. Group terms are formed in float64.
     """
-    n, c = x.shape[0], x.shape[1]
-    if is_channels_last(x) or n * num_groups < GROUP_TASKS_MIN:
-        from ...grad_terms import group_sums
-
-        s1, s0 = backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
-        dx = None
-        if need_dx:
-            g1, g2 = group_sums(s1, s0, weight, scale, num_groups)
-            dx = backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, g1, g2,
-                             x.numel() // (n * num_groups), num_groups, activation)
-        return s1, s0, dx
     sync_with_torch(x.numel())
+    shape = x.shape
+    n, c = shape[0], shape[1]
     acc = acc_dtype(x.dtype)
-    sum_dz_xhat = alloc.empty((n, c), acc)
-    sum_dz = alloc.empty((n, c), acc)
+    sum_dz_xhat, s1 = alloc.empty_pair((n, c), acc)
+    sum_dz, s0 = alloc.empty_pair((n, c), acc)
     dx = alloc.empty_like(x) if need_dx else x
-    mean_c, rstd_c, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
-    gain = gain_coefs(param(weight, acc), param(scale, acc), n, c)
+    w, b = param(weight, acc), param(bias, acc)
+    s = t = _EMPTY[acc]
+    if scale is not None or shift is not None:
+        s, t = param(scale, acc), param(shift, acc)
+    m, r = stat(mean, acc), stat(rstd, acc)
+    act = CODES[activation]
     dy = like_layout(dy, x)
-    backward_fused_rows(rows_view(dy, n * c), rows_view(x, n * c), rows_view(dx, n * c), c // num_groups,
-                        mean_c.reshape(-1), rstd_c.reshape(-1), a.reshape(-1), b.reshape(-1), gain,
-                        CODES[activation], sum_dz_xhat.view(-1).numpy(), sum_dz.view(-1).numpy(),
-                        bool(need_dx), _ZERO[acc])
+    if not x.is_contiguous():
+        backward_channels_last(pixels_view(dy), pixels_view(x), pixels_view(dx), m, r, w, b, s, t, act,
+                               bool(need_dx), _ZERO[acc], s1, s0)
+    elif n * num_groups >= GROUP_TASKS_MIN:
+        rows = n * c
+        backward_rows_fused(as_numpy(dy).reshape(rows, -1), as_numpy(x).reshape(rows, -1),
+                            as_numpy(dx).reshape(rows, -1), c // num_groups, m, r, w, b, s, t, act,
+                            bool(need_dx), _ZERO[acc], s1.reshape(-1), s0.reshape(-1))
+    else:
+        rows = n * c
+        backward_rows_two_stage(as_numpy(dy).reshape(rows, -1), as_numpy(x).reshape(rows, -1),
+                                as_numpy(dx).reshape(rows, -1), m, r, w, b, s, t, act,
+                                bool(need_dx), _ZERO[acc], s1, s0)
     return sum_dz_xhat, sum_dz, (dx if need_dx else None)
+
+
+def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx=True):
+    """The whole single-process backward -> (dx, dweight, dbias, dscale, dshift), None for
+    each absent input. Another optional extension: dweight and dbias come from the
+    per-(n, c) sums in compiled code (float64 sums over N) rather than through torch ops."""
+    s1, s0, dx = backward_fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation,
+                                need_dx)
+    if scale is not None or shift is not None:
+        from ...grad_terms import param_grads
+
+        return (dx,) + tuple(param_grads(s1, s0, weight, bias, scale, shift))
+    return dx, _column_sums(s1, weight), _column_sums(s0, bias), None, None
+
+
+def _column_sums(sums: torch.Tensor, like):
+    """sum over N of an (N, C) sum, in like's dtype; None when like is absent."""
+    if like is None:
+        return None
+    out, out_np = alloc.empty_pair((sums.shape[1],), sums.dtype)
+    column_sums(sums.numpy().reshape(-1), out_np)
+    return out if like.dtype == out.dtype else out.to(like.dtype)
 
 
 def like_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""Compiled entry points: a whole backward in one call from Python.
+
+Every call into a Numba function costs microseconds of argument unboxing, and every array
+it returns costs a boxing; on small shapes (an SD UNet's 2x1280x8x8) the glue around the
+kernels used to cost more than the kernels. These entries take the raw statistics and
+parameters, form the coefficients, run the kernels and the small (N, C) -> (N, G) / (C,)
+reductions in compiled code, so the launcher makes one call per backward.
+
+The per-element kernels are the ones in backward_kernels; only the glue moved here.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .backward_kernels import backward_fused_rows, dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
+from .coefs import dx_coefs, gain_coefs, z1_coefs
+
+JIT = dict(cache=True, error_model="numpy")
+
+
+@njit(**JIT)
+def column_sums(sums, out):
+    """out[c] = sum_n sums[n * C + c] in float64, n in order (dweight / dbias without scale)."""
+    channels = out.shape[0]
+    n_batch = sums.shape[0] // channels
+    for c in range(channels):
+        acc = 0.0
+        for n in range(n_batch):
+            acc += np.float64(sums[n * channels + c])
+        out[c] = acc
+
+
+@njit(**JIT)
+def backward_rows_fused(dy, x, dx, cpg, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
+                        sum_dz_xhat, sum_dz):
+    """Contiguous layout, one task per (n, g). dy, x, dx: (N*C, HW); mean, rstd: (N, G);
+    outputs sum_dz_xhat, sum_dz: (N*C,)."""
+    n_batch, groups = mean.shape
+    channels = cpg * groups
+    mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
+    gain = gain_coefs(weight, scale, n_batch, channels)
+    backward_fused_rows(dy, x, dx, cpg, mean_c.reshape(-1), rstd_c.reshape(-1), a.reshape(-1),
+                        b.reshape(-1), gain, act, sum_dz_xhat, sum_dz, need_dx, zero)
+
+
+@njit(**JIT)
+def group_terms(sum_dz_xhat, sum_dz, gain, groups):
+    """(sum_dxhat, sum_dxhat_xhat), each (N, G) in float64: the group sums dx needs."""
+    n_batch, channels = sum_dz.shape
+    cpg = channels // groups
+    s_dxhat = np.zeros((n_batch, groups), np.float64)
+    s_dxhat_xhat = np.zeros((n_batch, groups), np.float64)
+    for n in range(n_batch):
+        for c in range(channels):
+            g = c // cpg
+            k = gain[n * channels + c]
+            s_dxhat[n, g] += np.float64(sum_dz[n, c]) * k
+            s_dxhat_xhat[n, g] += np.float64(sum_dz_xhat[n, c]) * k
+    return s_dxhat, s_dxhat_xhat
+
+
+@njit(**JIT)
+def dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, count):
+    """Per-(n, c) P and Q of dx (see coefs.dx_coefs) from the (N, C) sums."""
+    n_batch, channels = sum_dz.shape
+    gain = gain_coefs(weight, scale, n_batch, channels)
+    s_dxhat, s_dxhat_xhat = group_terms(sum_dz_xhat, sum_dz, gain, rstd.shape[1])
+    return dx_coefs(rstd, s_dxhat, s_dxhat_xhat, count, channels)
+
+
+@njit(**JIT)
+def backward_channels_last(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
+                           sum_dz_xhat, sum_dz):
+    """Channels-last: reduce, group terms, dx. dy, x, dx: (N, HW, C); outputs (N, C)."""
+    n_batch, hw, channels = x.shape
+    mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
+    reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero)
+    if need_dx:
+        p, q = dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, hw * (channels // mean.shape[1]))
+        dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act)
+
+
+@njit(**JIT)
+def backward_rows_two_stage(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
+                            sum_dz_xhat, sum_dz):
+    """Contiguous with few groups (parallel over rows, not groups): reduce, group terms,
+    dx. dy, x, dx: (N*C, HW); outputs (N, C)."""
+    n_batch, channels = sum_dz.shape
+    mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
+    reduce_rows(dy, x, mean_c.reshape(-1), rstd_c.reshape(-1), a.reshape(-1), b.reshape(-1), act,
+                sum_dz_xhat.reshape(-1), sum_dz.reshape(-1), zero)
+    if need_dx:
+        p, q = dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, x.shape[1] * (channels // mean.shape[1]))
+        dx_rows(dy, x, dx, mean_c.reshape(-1), a.reshape(-1), b.reshape(-1), p.reshape(-1),
+                q.reshape(-1), act)

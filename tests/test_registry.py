@@ -1,0 +1,42 @@
+"""The backend table: overrides by environment variable and context manager take effect
+on the next call, even though the resolution is memoised for speed."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import groupnorm
+from groupnorm.backends import registry
+
+
+def test_environment_override_applies_on_the_next_call(monkeypatch):
+    default = registry.backend_for("cpu")
+    monkeypatch.setenv("GROUPNORM_BACKEND_CPU", "reference")
+    assert registry.backend_for("cpu").__name__ == "groupnorm.reference"
+    monkeypatch.delenv("GROUPNORM_BACKEND_CPU")
+    assert registry.backend_for("cpu") is default
+
+
+def test_unknown_backend_name_is_refused_every_time(monkeypatch):
+    monkeypatch.setenv("GROUPNORM_BACKEND_CPU", "no-such-backend")
+    for _ in range(2):   # not memoised as a success
+        with pytest.raises(ValueError, match="unknown groupnorm backend"):
+            registry.backend_for("cpu")
+
+
+def test_context_override_routes_calls(monkeypatch):
+    calls = []
+    reference = registry.load("reference")
+    real = reference.forward
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(reference, "forward", spy)
+    x = torch.randn(2, 8, 5, 5)
+    with registry.use_backend("reference", "cpu"):
+        y = groupnorm.group_norm(x, 4)
+    assert calls == [1]
+    torch.testing.assert_close(y, F.group_norm(x, 4))
+    groupnorm.group_norm(x, 4)   # outside the block: the default backend again
+    assert calls == [1] or registry.backend_name("cpu") == "reference"
