@@ -33,12 +33,13 @@ def warmup(dtypes=COMMON_DTYPES, activations=("none",)) -> float:
                 s1, s0 = launch.backward_reduce(y, x, mean, rstd, w, w, None, None, 2, act)
                 g = s1.view(1, 2, 2).sum(-1)
                 launch.backward_dx(y, x, mean, rstd, w, w, None, None, g, g, 8, 2, act)
+                launch.backward_grads(y, x, mean, rstd, w, w, None, None, 2, act)   # two-stage entries
             if not channels_last:          # the fused backward needs N * G >= 8
                 x8 = torch.randn(2, 8, 2, 2).to(dtype)
                 w8 = torch.ones(8, dtype=dtype)
                 for act in activations:
                     y, mean, rstd = launch.forward(x8, w8, w8, None, None, 4, 1e-5, act)
-                    launch.backward_fused(y, x8, mean, rstd, w8, w8, None, None, 4, act)
+                    launch.backward_grads(y, x8, mean, rstd, w8, w8, None, None, 4, act)
     return time.perf_counter() - start
 
 
