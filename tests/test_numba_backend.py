@@ -308,3 +308,17 @@ def test_numba_threads_follow_torch_after_a_change():
         assert threads.sync_with_torch(10) == 1   # tiny inputs stay on the calling thread
     finally:
         torch.set_num_threads(old)
+
+
+def test_first_kernel_call_keeps_torch_thread_count():
+    """Numba's OpenMP pool start used to reset torch.set_num_threads(1) to all cores.
+    Needs a fresh process: the pool starts once per process."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1); import groupnorm; "
+            "groupnorm.group_norm(torch.randn(2, 64, 32, 32), 8); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1"

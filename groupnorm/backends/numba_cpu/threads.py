@@ -16,10 +16,30 @@ SERIAL_BELOW = 1 << 15
 # numba.get_num_threads costs more (~1.2 us) than the check below (~0.3 us). (Code that
 # calls numba.set_num_threads itself changes only speed here, never results.)
 _last = threading.local()
+_pool_started = False
+
+
+def start_pool() -> None:
+    """Start Numba's worker pool without disturbing torch's thread count.
+
+    Numba's OpenMP layer resets the process's OpenMP thread count when it starts its
+    pool, which silently undid a user's ``torch.set_num_threads(1)``; we start it once,
+    here, and put torch's setting back.
+    """
+    global _pool_started
+    if _pool_started:
+        return
+    torch_threads = torch.get_num_threads()
+    numba.get_num_threads()   # starts the pool
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    _pool_started = True
 
 
 def sync_with_torch(numel: int = SERIAL_BELOW) -> int:
     """Set Numba's threads (for this calling thread) to torch's, within Numba's pool."""
+    if not _pool_started:
+        start_pool()
     wanted = 1 if numel < SERIAL_BELOW else min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     wanted = max(1, wanted)
     if getattr(_last, "threads", None) != wanted:
