@@ -1,6 +1,6 @@
 """CPU benchmark rows: groupnorm against ATen's GroupNorm, same process, same inputs.
 
-Each row is checked first (max |ours - ATen|), then timed with ``timing.time_fn`` on both
+Each row is checked first (max |ours - ATen|), then timed with ``timing.time_interleaved`` on both
 sides. Two kinds of rows:
 
 * public API (what users see; the issue-3 targets are stated in these):
@@ -26,7 +26,7 @@ import groupnorm
 
 from ..backends import numba_cpu
 from .suite import Case
-from .timing import time_fn
+from .timing import time_interleaved
 
 EPS = 1e-5
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": None}
@@ -143,9 +143,8 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         first = time.perf_counter() - t0
                         diff = _grad_error(got, x, w, b, dy, case.num_groups)
                         layout_ok = got[1].stride() == x.stride()
-                    runs = dict(warmup=1 if big else 3, min_runs=5 if big else 10, budget_s=budget_s)
-                    t_ours = time_fn(ours, **runs)
-                    t_aten = time_fn(aten, **runs)
+                    runs = dict(warmup=1 if big else 3, min_runs=5 if big else 10, budget_s=2 * budget_s)
+                    t_ours, t_aten = time_interleaved([ours, aten], **runs)
                     moved = TENSOR_PASSES[p] * x.numel() * x.element_size()
                     rows.append(dict(
                         case=case.name, dtype=str(dtype).replace("torch.", ""), format=fmt, pass_=p,

@@ -53,6 +53,34 @@ def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", *,
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
 
 
+def time_interleaved(fns: List[Callable[[], object]], *, rounds: int = 5, warmup: int = 3,
+                     min_runs: int = 10, max_runs: int = 200, budget_s: float = 1.0) -> List[Timing]:
+    """CPU timings of several functions taken in alternating rounds (a, b, a, b, ...), so a
+    load spike or clock change on a shared machine hits every side alike; each round runs
+    a block of calls of one function (its pool warm, as in a real loop)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    samples: List[List[float]] = [[] for _ in fns]
+    per_round = budget_s / rounds
+    for _ in range(rounds):
+        for fn, out in zip(fns, samples):
+            fn()   # first call of a block: the other side's threads may still be spinning
+            start = time.perf_counter()
+            taken = 0
+            while taken < max_runs // rounds and (taken < max(1, min_runs // rounds)
+                                                  or time.perf_counter() - start < per_round):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+                taken += 1
+    timings = []
+    for out in samples:
+        out.sort()
+        timings.append(Timing(statistics.median(out), _quantile(out, 0.2), _quantile(out, 0.8), len(out)))
+    return timings
+
+
 def bytes_moved(*tensors: torch.Tensor) -> int:
     """Bytes a memory-bound kernel must move at least: every named tensor once."""
     return sum(t.numel() * t.element_size() for t in tensors)
