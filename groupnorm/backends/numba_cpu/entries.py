@@ -32,16 +32,26 @@ def column_sums(sums, out):
 
 
 @njit(**JIT)
+def param_sums(sum_dz_xhat, sum_dz, dweight, dbias):
+    """dweight / dbias (no scale) from the flat (N*C,) sums; size-0 outputs are skipped."""
+    if dweight.size:
+        column_sums(sum_dz_xhat, dweight)
+    if dbias.size:
+        column_sums(sum_dz, dbias)
+
+
+@njit(**JIT)
 def backward_rows_fused(dy, x, dx, cpg, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
-                        sum_dz_xhat, sum_dz):
+                        sum_dz_xhat, sum_dz, dweight, dbias):
     """Contiguous layout, one task per (n, g). dy, x, dx: (N*C, HW); mean, rstd: (N, G);
-    outputs sum_dz_xhat, sum_dz: (N*C,)."""
+    outputs sum_dz_xhat, sum_dz: (N*C,), and dweight, dbias: (C,) or size 0."""
     n_batch, groups = mean.shape
     channels = cpg * groups
     mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
     gain = gain_coefs(weight, scale, n_batch, channels)
     backward_fused_rows(dy, x, dx, cpg, mean_c.reshape(-1), rstd_c.reshape(-1), a.reshape(-1),
                         b.reshape(-1), gain, act, sum_dz_xhat, sum_dz, need_dx, zero)
+    param_sums(sum_dz_xhat, sum_dz, dweight, dbias)
 
 
 @njit(**JIT)
@@ -71,11 +81,13 @@ def dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, count):
 
 @njit(**JIT)
 def backward_channels_last(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
-                           sum_dz_xhat, sum_dz):
-    """Channels-last: reduce, group terms, dx. dy, x, dx: (N, HW, C); outputs (N, C)."""
+                           sum_dz_xhat, sum_dz, dweight, dbias):
+    """Channels-last: reduce, group terms, dx. dy, x, dx: (N, HW, C); outputs (N, C),
+    and dweight, dbias: (C,) or size 0."""
     n_batch, hw, channels = x.shape
     mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
     reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero)
+    param_sums(sum_dz_xhat.reshape(-1), sum_dz.reshape(-1), dweight, dbias)
     if need_dx:
         p, q = dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, hw * (channels // mean.shape[1]))
         dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act)
@@ -83,13 +95,14 @@ def backward_channels_last(dy, x, dx, mean, rstd, weight, bias, scale, shift, ac
 
 @njit(**JIT)
 def backward_rows_two_stage(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
-                            sum_dz_xhat, sum_dz):
+                            sum_dz_xhat, sum_dz, dweight, dbias):
     """Contiguous with few groups (parallel over rows, not groups): reduce, group terms,
-    dx. dy, x, dx: (N*C, HW); outputs (N, C)."""
+    dx. dy, x, dx: (N*C, HW); outputs (N, C), and dweight, dbias: (C,) or size 0."""
     n_batch, channels = sum_dz.shape
     mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
     reduce_rows(dy, x, mean_c.reshape(-1), rstd_c.reshape(-1), a.reshape(-1), b.reshape(-1), act,
                 sum_dz_xhat.reshape(-1), sum_dz.reshape(-1), zero)
+    param_sums(sum_dz_xhat.reshape(-1), sum_dz.reshape(-1), dweight, dbias)
     if need_dx:
         p, q = dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, x.shape[1] * (channels // mean.shape[1]))
         dx_rows(dy, x, dx, mean_c.reshape(-1), a.reshape(-1), b.reshape(-1), p.reshape(-1),

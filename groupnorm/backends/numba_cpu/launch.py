@@ -14,7 +14,7 @@ from . import alloc
 from .activations import CODES
 from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
 from .coefs import dx_coefs, z1_coefs
-from .entries import backward_channels_last, backward_rows_fused, backward_rows_two_stage, column_sums
+from .entries import backward_channels_last, backward_rows_fused, backward_rows_two_stage
 from .apply_kernels import apply_channels_last, apply_rows
 from .forward_kernels import GROUP_TASKS_MIN, forward_channels_last, forward_groups, forward_rows
 from .stats_kernels import stats_channels_last, stats_rows
@@ -196,6 +196,27 @@ def backward_fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     groups runs one task per (n, g) (the sums, then dx while the group is still in cache);
     other layouts run the two stages back to back. Group terms are formed in float64.
     """
+    return _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx,
+                     False)[:3]
+
+
+def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx=True):
+    """The whole single-process backward -> (dx, dweight, dbias, dscale, dshift), None for
+    each absent input. Another optional extension: without scale/shift, dweight and dbias
+    are summed over N (in float64) inside the same compiled call."""
+    modulated = scale is not None or shift is not None
+    s1, s0, dx, dw, db = _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation,
+                                   need_dx, not modulated)
+    if modulated:
+        from ...grad_terms import param_grads
+
+        return (dx,) + tuple(param_grads(s1, s0, weight, bias, scale, shift))
+    dw = None if weight is None else (dw if dw.dtype == weight.dtype else dw.to(weight.dtype))
+    db = None if bias is None else (db if db.dtype == bias.dtype else db.to(bias.dtype))
+    return dx, dw, db, None, None
+
+
+def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx, param_sums):
     sync_with_torch(x.numel())
     shape = x.shape
     n, c = shape[0], shape[1]
@@ -203,6 +224,12 @@ def backward_fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     sum_dz_xhat, s1 = alloc.empty_pair((n, c), acc)
     sum_dz, s0 = alloc.empty_pair((n, c), acc)
     dx = alloc.empty_like(x) if need_dx else x
+    dw = db = None
+    dw_np = db_np = _EMPTY[acc]
+    if param_sums and weight is not None:
+        dw, dw_np = alloc.empty_pair((c,), acc)
+    if param_sums and bias is not None:
+        db, db_np = alloc.empty_pair((c,), acc)
     w, b = param(weight, acc), param(bias, acc)
     s = t = _EMPTY[acc]
     if scale is not None or shift is not None:
@@ -212,40 +239,18 @@ def backward_fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     dy = like_layout(dy, x)
     if not x.is_contiguous():
         backward_channels_last(pixels_view(dy), pixels_view(x), pixels_view(dx), m, r, w, b, s, t, act,
-                               bool(need_dx), _ZERO[acc], s1, s0)
+                               bool(need_dx), _ZERO[acc], s1, s0, dw_np, db_np)
     elif n * num_groups >= GROUP_TASKS_MIN:
         rows = n * c
         backward_rows_fused(as_numpy(dy).reshape(rows, -1), as_numpy(x).reshape(rows, -1),
                             as_numpy(dx).reshape(rows, -1), c // num_groups, m, r, w, b, s, t, act,
-                            bool(need_dx), _ZERO[acc], s1.reshape(-1), s0.reshape(-1))
+                            bool(need_dx), _ZERO[acc], s1.reshape(-1), s0.reshape(-1), dw_np, db_np)
     else:
         rows = n * c
         backward_rows_two_stage(as_numpy(dy).reshape(rows, -1), as_numpy(x).reshape(rows, -1),
                                 as_numpy(dx).reshape(rows, -1), m, r, w, b, s, t, act,
-                                bool(need_dx), _ZERO[acc], s1, s0)
-    return sum_dz_xhat, sum_dz, (dx if need_dx else None)
-
-
-def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx=True):
-    """The whole single-process backward -> (dx, dweight, dbias, dscale, dshift), None for
-    each absent input. Another optional extension: dweight and dbias come from the
-    per-(n, c) sums in compiled code (float64 sums over N) rather than through torch ops."""
-    s1, s0, dx = backward_fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation,
-                                need_dx)
-    if scale is not None or shift is not None:
-        from ...grad_terms import param_grads
-
-        return (dx,) + tuple(param_grads(s1, s0, weight, bias, scale, shift))
-    return dx, _column_sums(s1, weight), _column_sums(s0, bias), None, None
-
-
-def _column_sums(sums: torch.Tensor, like):
-    """sum over N of an (N, C) sum, in like's dtype; None when like is absent."""
-    if like is None:
-        return None
-    out, out_np = alloc.empty_pair((sums.shape[1],), sums.dtype)
-    column_sums(sums.numpy().reshape(-1), out_np)
-    return out if like.dtype == out.dtype else out.to(like.dtype)
+                                bool(need_dx), _ZERO[acc], s1, s0, dw_np, db_np)
+    return sum_dz_xhat, sum_dz, (dx if need_dx else None), dw, db
 
 
 def like_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
