@@ -161,3 +161,26 @@ def test_float64_buffers_keep_the_scalar_libm_path(name):
     act.grad_block(g, z.size, code)
     np.testing.assert_allclose(y, [act.activate(v, code) for v in z], rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(g, [act.activate_grad(v, code) for v in z], rtol=1e-14, atol=1e-15)
+
+
+def test_silu_float32_block_matches_float64_and_torch_at_extremes():
+    """SiLU's float32 block: the float64 path on the grid, and torch's own limits where exp
+    overflows (silu(-3e38) = -0, silu(-inf) = NaN; its gradient 0 and NaN there)."""
+    z, got, want, err = errors("silu", act.activate_block)
+    assert (err / np.maximum(1.0, np.abs(want))).max() < BOUND_REL_OR_ABS
+    _, gg, gw, gerr = errors("silu", act.grad_block)
+    assert (gerr / np.maximum(1.0, np.abs(gw))).max() < BOUND_REL_OR_ABS
+    edge = np.array([-np.inf, -3e38, -1e6, -89.0, -88.5, 88.5, 3e38, np.inf, np.nan], np.float32)
+    t = torch.from_numpy(edge.copy()).requires_grad_()
+    y = F.silu(t)
+    (g,) = torch.autograd.grad(y.sum(), t)
+    buf = edge.copy()
+    act.activate_block(buf, buf.size, act.SILU)
+    want = y.detach().numpy()
+    assert np.array_equal(np.isnan(buf), np.isnan(want))
+    # exp's range ends at 88 here, torch's at 88.72: below -88, 0 against ~1e-37 at most
+    np.testing.assert_allclose(buf[~np.isnan(buf)], want[~np.isnan(buf)], rtol=1e-6, atol=1e-30)
+    buf = edge.copy()
+    act.grad_block(buf, buf.size, act.SILU)
+    assert np.array_equal(np.isnan(buf), np.isnan(g.numpy()))
+    np.testing.assert_allclose(buf[~np.isnan(buf)], g.numpy()[~np.isnan(buf)], atol=1e-30)

@@ -119,6 +119,37 @@ def exp_neg_f32(buf, count):
     return out
 
 
+_INF = np.float32(np.inf)
+
+
+@njit(**VEC)
+def exp_neg_or_inf_f32(z):
+    """exp(-z), but +inf past exp's clamp (-z > 88), so z / (1 + e) is exactly -0 for a
+    very negative finite z and NaN at z = -inf, as torch's silu gives."""
+    t = np.float32(-z)
+    return exp_f32(t) if t <= _EXP_HI else _INF
+
+
+@njit(**VEC)
+def silu_f32(buf, count):
+    """buf[:count] = z * sigmoid(z) = z / (1 + exp(-z)), one straight pass."""
+    for j in range(count):
+        z = buf[j]
+        buf[j] = z / (_ONE + exp_neg_or_inf_f32(z))
+
+
+@njit(**VEC)
+def silu_grad_f32(buf, count):
+    """buf[:count] = sigmoid(z) * (1 + z * (1 - sigmoid(z))), with 1 - sigmoid(z) formed as
+    e * sigmoid(z) (e = exp(-z)): no cancellation for large z, where z multiplies it."""
+    for j in range(count):
+        z = buf[j]
+        e = exp_neg_or_inf_f32(z)
+        sg = _ONE / (_ONE + e)
+        one_minus = e * sg if sg > 0 else _ONE    # e = inf: sigmoid is 0, 1 - sigmoid is 1
+        buf[j] = sg * (_ONE + z * one_minus)
+
+
 # Limits at +-inf: a product z * f(z) with f -> 0 is NaN at z = -inf, so the factor z is
 # clamped to a finite value where f is already exactly 0 (erf clamped to -1, exp flushed).
 # Inside the derivatives z is clamped both ways, which also keeps z**3 finite.
@@ -261,9 +292,7 @@ def activate_block(buf, count, act):
             v = buf[j]
             buf[j] = v if not v <= 0 else 0.0
     elif act == SILU and buf.itemsize == 4:   # float32 staging: vectorised sigmoid
-        e = exp_neg_f32(buf, count)
-        for j in range(count):
-            buf[j] = buf[j] / (_ONE + e[j])
+        silu_f32(buf, count)
     elif act == SILU:
         for j in range(count):
             buf[j] = activate(buf[j], SILU)
@@ -291,10 +320,7 @@ def grad_block(buf, count, act):
         for j in range(count):
             buf[j] = 1.0 if buf[j] > 0 else 0.0
     elif act == SILU and buf.itemsize == 4:
-        e = exp_neg_f32(buf, count)
-        for j in range(count):
-            sg = _ONE / (_ONE + e[j])
-            buf[j] = sg * (_ONE + buf[j] * (_ONE - sg))
+        silu_grad_f32(buf, count)
     elif act == SILU:
         for j in range(count):
             buf[j] = activate_grad(buf[j], SILU)
