@@ -11,7 +11,8 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import NONE, activate_block
-from .elements import load, store
+from .elements import load
+from .fast_store import store_out as store   # elements.store's results, cheaper bf16
 
 BLOCK = 512           # staging buffer length for activations
 PIXEL_CHUNK = 16384   # channels-last: elements per parallel task (rows = PIXEL_CHUNK // C)
@@ -82,24 +83,42 @@ def apply_rows(x, y, mean_c, a, b, act):
 
 
 @njit(**JIT)
-def apply_pixels(xb, yb, mc, an, bn, act):
-    """One (rows, C) channels-last block; a plain callee so LLVM vectorises it."""
-    rows, channels = xb.shape
-    if act == NONE:        # 2-D indexing: no per-row views (reference-count updates)
-        for r in range(rows):
+def apply_pixels(xn, yn, lo, hi, mc, an, bn, act, buf):
+    """Pixels lo..hi-1 of one channels-last sample xn, yn (HW, C) with its coefficient
+    rows mc, an, bn (C,); buf: scratch of at least C values (activations only).
+
+    A plain callee so LLVM vectorises it; 2-D indexing, no per-pixel views (each costs
+    reference-count updates). With an activation, whole pixels are staged together,
+    about BLOCK values per activate_block call (one call per pixel is slow for small C).
+    """
+    channels = xn.shape[1]
+    if act == NONE:
+        for r in range(lo, hi):
             for c in range(channels):
-                store(yb, (r, c), (load(xb, (r, c)) - mc[c]) * an[c] + bn[c])
+                store(yn, (r, c), (load(xn, (r, c)) - mc[c]) * an[c] + bn[c])
         return
-    buf = np.empty(channels, an.dtype)
-    for r in range(rows):
-        xr = xb[r]
-        yr = yb[r]
-        if True:
+    per = max(1, buf.shape[0] // channels)
+    for r0 in range(lo, hi, per):
+        rows = min(per, hi - r0)
+        for j in range(rows):
+            base = j * channels
             for c in range(channels):
-                buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
-            activate_block(buf, channels, act)
+                buf[base + c] = (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c]
+        activate_block(buf, rows * channels, act)
+        for j in range(rows):
+            base = j * channels
             for c in range(channels):
-                store(yr, c, buf[c])
+                store(yn, (r0 + j, c), buf[base + c])
+
+
+@njit(**JIT)
+def apply_pixel_task(x, y, n, lo, hi, mean_c, a, b, act, bufs, t):
+    """One task of apply_channels_last (scratch row t). The per-sample views are made
+    here, in a plain callee, not in the prange body."""
+    buf = bufs[0]
+    if act != NONE:
+        buf = bufs[t]
+    apply_pixels(x[n], y[n], lo, hi, mean_c[n], a[n], b[n], act, buf)
 
 
 @njit(parallel=True, **JIT)
@@ -108,8 +127,9 @@ def apply_channels_last(x, y, mean_c, a, b, act):
     n_batch, hw, channels = x.shape
     block_rows = max(1, PIXEL_CHUNK // channels)
     blocks = (hw + block_rows - 1) // block_rows
-    for task in prange(n_batch * blocks):
+    tasks = n_batch * blocks
+    bufs = np.empty((tasks if act != NONE else 1, max(BLOCK, channels)), a.dtype)
+    for task in prange(tasks):
         n = task // blocks
         lo = (task - n * blocks) * block_rows
-        hi = min(lo + block_rows, hw)
-        apply_pixels(x[n, lo:hi], y[n, lo:hi], mean_c[n], a[n], b[n], act)
+        apply_pixel_task(x, y, n, lo, min(lo + block_rows, hw), mean_c, a, b, act, bufs, task)

@@ -13,34 +13,43 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
+def z1_coefs_sample(n, mean, rstd, weight, bias, scale, shift, mean_c, rstd_c, a, b):
+    """Row n of z1_coefs' outputs, written into mean_c, rstd_c, a, b (N, C): lets a
+    per-sample task form its own coefficients."""
+    groups = mean.shape[1]
+    channels = a.shape[1]
+    cpg = channels // groups
+    for c in range(channels):
+        g = c // cpg
+        w = np.float64(weight[c]) if weight.size else 1.0
+        bb = np.float64(bias[c]) if bias.size else 0.0
+        s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
+        t = np.float64(shift[n * channels + c]) if shift.size else 0.0
+        r = np.float64(rstd[n, g])
+        mean_c[n, c] = mean[n, g]
+        rstd_c[n, c] = r
+        a[n, c] = r * w * s1
+        b[n, c] = bb * s1 + t
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
 def z1_coefs(mean, rstd, weight, bias, scale, shift, channels):
     """mean, rstd: (N, G); weight, bias: (C,) or empty; scale, shift: (N*C,) or empty.
 
     Returns (mean_c, rstd_c, A, B), each (N, C) in mean's dtype.
     """
-    n_batch, groups = mean.shape
-    cpg = channels // groups
+    n_batch = mean.shape[0]
     mean_c = np.empty((n_batch, channels), mean.dtype)
     rstd_c = np.empty((n_batch, channels), mean.dtype)
     a = np.empty((n_batch, channels), mean.dtype)
     b = np.empty((n_batch, channels), mean.dtype)
     for n in range(n_batch):
-        for c in range(channels):
-            g = c // cpg
-            w = np.float64(weight[c]) if weight.size else 1.0
-            bb = np.float64(bias[c]) if bias.size else 0.0
-            s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
-            t = np.float64(shift[n * channels + c]) if shift.size else 0.0
-            r = np.float64(rstd[n, g])
-            mean_c[n, c] = mean[n, g]
-            rstd_c[n, c] = r
-            a[n, c] = r * w * s1
-            b[n, c] = bb * s1 + t
+        z1_coefs_sample(n, mean, rstd, weight, bias, scale, shift, mean_c, rstd_c, a, b)
     return mean_c, rstd_c, a, b
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def dx_coefs(rstd, sum_dxhat, sum_dxhat_xhat, count, channels):
     """The two per-group terms of dx (see backward_kernels), expanded to (N, C).
 
@@ -63,7 +72,7 @@ def dx_coefs(rstd, sum_dxhat, sum_dxhat_xhat, count, channels):
     return p, q
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)
 def gain_coefs(weight, scale, n_batch, channels):
     """w * (1 + s) per (n, c) as a flat float64 (N*C,) array (absent parameters: 1)."""
     gain = np.empty(n_batch * channels, np.float64)

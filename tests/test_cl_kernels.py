@@ -1,0 +1,115 @@
+"""Channels-last Numba kernels: the per-sample forward equals the pixel-block forward bit
+for bit (the thread count picks between them), the cheaper bfloat16 store equals
+bits.f32_to_bf16, and the staged activation paths match the reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+numba = pytest.importorskip("numba")
+
+from groupnorm import reference  # noqa: E402
+from groupnorm.backends import numba_cpu  # noqa: E402
+from groupnorm.backends.numba_cpu import bits, launch  # noqa: E402
+from groupnorm.backends.numba_cpu.activations import CODES  # noqa: E402
+from groupnorm.backends.numba_cpu.fast_store import f32_to_bf16_fast  # noqa: E402
+from groupnorm.backends.numba_cpu.forward_kernels import forward_pixel_blocks, forward_samples  # noqa: E402
+from groupnorm.backends.numba_cpu.stats_kernels import stats_channels_last  # noqa: E402
+
+LOW_HALVES = torch.tensor([0, 1, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0xFFFF])
+
+
+@numba.njit(cache=False)
+def _fast_bits(x):
+    out = np.empty(x.size, np.uint16)
+    for i in range(x.size):
+        out[i] = f32_to_bf16_fast(x[i])
+    return out
+
+
+def test_fast_bf16_store_equals_reference_rounding():
+    hi = torch.arange(65536, dtype=torch.int64) << 16
+    probe = (hi[:, None] | LOW_HALVES[None, :]).reshape(-1).to(torch.int32).view(torch.float32).numpy()
+    assert np.array_equal(_fast_bits(probe), bits.f32_to_bf16_bits_array(probe))
+
+
+def _cl(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (-2.3 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+# (shape, groups): several statistics tasks per sample, a ragged last block, C/G = 1.
+SHAPES = [((3, 64, 48, 40), 8), ((2, 320, 21, 19), 32), ((2, 24, 7, 5), 24), ((2, 600, 9, 7), 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("act,scaled", [("none", False), ("silu", True), ("gelu", False)])
+def test_forward_paths_bitwise_equal(shape, groups, dtype, act, scaled):
+    x = _cl(shape, dtype, 0)
+    n, c = shape[:2]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(1)
+    w = launch.param((1 + 0.3 * torch.randn(c, generator=g)).to(dtype), acc)
+    b = launch.param((0.2 * torch.randn(c, generator=g)).to(dtype), acc)
+    empty = np.empty(0, w.dtype)
+    s = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
+    t = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
+    xv = launch.pixels_view(x)
+    outs = []
+    for path in ("samples", "blocks"):
+        y = torch.full_like(x, float("nan"))
+        mean = np.full((n, groups), np.nan, w.dtype)
+        rstd = np.full((n, groups), np.nan, w.dtype)
+        if path == "samples":
+            forward_samples(xv, launch.pixels_view(y), w, b, s, t, 1e-5, CODES[act], mean, rstd)
+        else:
+            forward_pixel_blocks(xv, launch.pixels_view(y), w, b, s, t, 1e-5, CODES[act], w.dtype.type(0),
+                                 mean, rstd)
+        outs.append((y, torch.from_numpy(mean), torch.from_numpy(rstd)))
+    for a_, b_ in zip(outs[0], outs[1]):
+        assert torch.equal(a_, b_)
+    m = np.empty((n, groups), w.dtype)
+    m2 = np.empty((n, groups), w.dtype)
+    stats_channels_last(xv, groups, m, m2, w.dtype.type(0))
+    assert torch.equal(torch.from_numpy(m), outs[0][1])
+    sc = None if not scaled else torch.from_numpy(s).view(n, c).double()
+    sh = None if not scaled else torch.from_numpy(t).view(n, c).double()
+    ry, rmean, _ = reference.forward(x.double(), torch.from_numpy(w).double(), torch.from_numpy(b).double(),
+                                     sc, sh, groups, 1e-5, act)
+    tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(outs[0][0].double(), ry, atol=tol, rtol=tol)
+    torch.testing.assert_close(outs[0][1].double(), rmean, atol=1e-5 if dtype != torch.float64 else 1e-12,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES[1:])
+@pytest.mark.parametrize("act", ["silu", "mish"])
+def test_backward_staged_activations(shape, groups, act):
+    """reduce/dx stage several pixels per activation call (C below and above BLOCK)."""
+    x = _cl(shape, torch.float32, 0)
+    dy = _cl(shape, torch.float32, 3)
+    n, c = shape[:2]
+    xd = x.double()
+    rmean, rm2 = reference.stats(xd, groups)
+    count = x.numel() // (n * groups)
+    rrstd = reference.rstd_from_m2(rm2, count, 1e-5)
+    w = 1 + 0.3 * torch.randn(c, generator=torch.Generator().manual_seed(2))
+    b = 0.2 * torch.randn(c, generator=torch.Generator().manual_seed(4))
+    s1, s0 = numba_cpu.backward_reduce(dy, x, rmean.float(), rrstd.float(), w, b, None, None, groups, act)
+    rs1, rs0 = reference.backward_reduce(dy.double(), xd, rmean, rrstd, w.double(), b.double(), None, None,
+                                         groups, act)
+    hw = x.numel() // (n * c)
+    torch.testing.assert_close(s1.double(), rs1, atol=4e-4 * hw ** 0.5, rtol=1e-4)
+    torch.testing.assert_close(s0.double(), rs0, atol=4e-4 * hw ** 0.5, rtol=1e-4)
+    k = w.double().expand(n, c)
+    g1 = (rs0 * k).view(n, groups, -1).sum(-1)
+    g2 = (rs1 * k).view(n, groups, -1).sum(-1)
+    dx = numba_cpu.backward_dx(dy, x, rmean.float(), rrstd.float(), w, b, None, None, g1.float(), g2.float(),
+                               count, groups, act)
+    rdx = reference.backward_dx(dy.double(), xd, rmean, rrstd, w.double(), b.double(), None, None, g1, g2,
+                                count, groups, act)
+    assert dx.stride() == x.stride()
+    torch.testing.assert_close(dx.double(), rdx, atol=4e-4, rtol=4e-4)
