@@ -22,7 +22,8 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import NONE, grad_block
-from .elements import cast_like, load, store
+from .elements import cast_like, load
+from .fast_store import store_out as store   # elements.store's results, cheaper bf16
 
 BLOCK = 512           # staging buffer length for act'(z1)
 PIXEL_CHUNK = 32768   # channels-last: target elements per parallel task ...
@@ -132,30 +133,37 @@ def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
 
 
 @njit(**JIT)
-def reduce_pixels(dyn, xn, lo, hi, mc, an, bn, act, acc_xc, acc_dz, zero):
+def reduce_pixels(dyn, xn, lo, hi, mc, an, bn, act, acc_xc, acc_dz, buf, zero):
     """Per-channel (sum dz1 * (x - mean), sum dz1) over pixels lo..hi-1 of one sample
-    (HW, C), into acc_xc / acc_dz. A plain callee so the C loops vectorise."""
+    (HW, C), into acc_xc / acc_dz (C,); buf: scratch of at least C values (activations
+    only). A plain callee so the C loops vectorise; 2-D indexing, no per-pixel views
+    (each costs reference-count updates). With an activation, whole pixels are staged
+    together, about BLOCK values per grad_block call (one call per pixel is slow for
+    small C)."""
     channels = xn.shape[1]
     for c in range(channels):
         acc_xc[c] = zero
         acc_dz[c] = zero
-    if act == NONE:        # 2-D indexing: no per-row views (reference-count updates)
+    if act == NONE:
         for r in range(lo, hi):
             for c in range(channels):
                 g = load(dyn, (r, c))
                 acc_xc[c] += g * (load(xn, (r, c)) - mc[c])
                 acc_dz[c] += g
-    else:
-        buf = np.empty(channels, acc_xc.dtype)
-        for r in range(lo, hi):
-            xr = xn[r]
-            dr = dyn[r]
+        return
+    per = max(1, buf.shape[0] // channels)
+    for r0 in range(lo, hi, per):
+        rows = min(per, hi - r0)
+        for j in range(rows):
+            base = j * channels
             for c in range(channels):
-                buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
-            grad_block(buf, channels, act)
+                buf[base + c] = (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c]
+        grad_block(buf, rows * channels, act)
+        for j in range(rows):
+            base = j * channels
             for c in range(channels):
-                g = load(dr, c) * buf[c]
-                acc_xc[c] += g * (load(xr, c) - mc[c])
+                g = load(dyn, (r0 + j, c)) * buf[base + c]
+                acc_xc[c] += g * (load(xn, (r0 + j, c)) - mc[c])
                 acc_dz[c] += g
 
 
@@ -165,39 +173,52 @@ def pixel_rows(channels):
     return min(PIXEL_ROWS_MAX, max(PIXEL_ROWS_MIN, PIXEL_CHUNK // channels))
 
 
+@njit(**JIT)
+def reduce_pixel_task(dy, x, n, lo, hi, mean_c, a, b, act, part_xc, part_dz, t, bufs, zero):
+    """One task of reduce_channels_last (partial row t, scratch row t). The views are
+    made here, in a plain callee, once per task (not in the prange body)."""
+    buf = bufs[0]
+    if act != NONE:
+        buf = bufs[t]
+    reduce_pixels(dy[n], x[n], lo, hi, mean_c[n], a[n], b[n], act, part_xc[t], part_dz[t], buf, zero)
+
+
 @njit(parallel=True, **JIT)
 def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
-    """Channels-last layout. dy, x: (N, HW, C); coefficients and outputs: (N, C)."""
+    """Channels-last layout. dy, x: (N, HW, C); coefficients and outputs: (N, C).
+
+    Per (n, block of pixels) partial sums in the accumulation dtype, the blocking a
+    function of the shape only, then summed in block order in float64."""
     n_batch, hw, channels = x.shape
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
-    part_xc = np.empty((n_batch, blocks, channels), a.dtype)
-    part_dz = np.empty((n_batch, blocks, channels), a.dtype)
-    for task in prange(n_batch * blocks):
+    tasks = n_batch * blocks
+    part_xc = np.empty((tasks, channels), a.dtype)
+    part_dz = np.empty((tasks, channels), a.dtype)
+    bufs = np.empty((tasks if act != NONE else 1, max(BLOCK, channels)), a.dtype)
+    for task in prange(tasks):
         n = task // blocks
-        k = task - n * blocks
-        lo = k * block_rows
-        reduce_pixels(dy[n], x[n], lo, min(lo + block_rows, hw), mean_c[n], a[n], b[n], act,
-                      part_xc[n, k], part_dz[n, k], zero)
+        lo = (task - n * blocks) * block_rows
+        reduce_pixel_task(dy, x, n, lo, min(lo + block_rows, hw), mean_c, a, b, act, part_xc,
+                          part_dz, task, bufs, zero)
     for n in range(n_batch):
-        merge_blocks(part_xc[n], part_dz[n], rstd_c[n], sum_dz_xhat[n], sum_dz[n], zero)
+        merge_blocks(part_xc, part_dz, n * blocks, blocks, rstd_c, n, sum_dz_xhat, sum_dz)
 
 
 @njit(**JIT)
-def merge_blocks(part_xc, part_dz, rstd_n, out_xc, out_dz, zero):
-    """Block partials (blocks, C) summed in block order (fixed), then scaled by rstd."""
-    blocks, channels = part_xc.shape
+def merge_blocks(part_xc, part_dz, first, blocks, rstd_c, n, out_xc, out_dz):
+    """Partial rows first..first+blocks-1 (sample n's blocks) summed in block order
+    (fixed) in float64, then scaled by rstd: out_*[n]."""
+    channels = part_xc.shape[1]
     tot_xc = np.zeros(channels, np.float64)   # float64 across blocks: no stall at large HW
     tot_dz = np.zeros(channels, np.float64)
-    for k in range(blocks):
-        pk = part_xc[k]
-        qk = part_dz[k]
+    for k in range(first, first + blocks):
         for c in range(channels):
-            tot_xc[c] += pk[c]
-            tot_dz[c] += qk[c]
+            tot_xc[c] += part_xc[k, c]
+            tot_dz[c] += part_dz[k, c]
     for c in range(channels):
-        out_xc[c] = tot_xc[c] * rstd_n[c]
-        out_dz[c] = tot_dz[c]
+        out_xc[n, c] = tot_xc[c] * rstd_c[n, c]
+        out_dz[n, c] = tot_dz[c]
 
 
 @njit(**JIT)
@@ -254,24 +275,37 @@ def dx_rows(dy, x, dx, mean_c, a, b, p, q, act):
 
 
 @njit(**JIT)
-def dx_pixels(dyn, xn, dxn, lo, hi, mc, an, bn, pn, qn, act):
-    """dx over pixels lo..hi-1 of one sample (HW, C); a plain callee so it vectorises."""
+def dx_pixels(dyn, xn, dxn, lo, hi, mc, an, bn, pn, qn, act, buf):
+    """dx over pixels lo..hi-1 of one sample (HW, C); a plain callee so it vectorises;
+    activations staged as in reduce_pixels."""
     channels = xn.shape[1]
-    if act == NONE:        # 2-D indexing: no per-row views (reference-count updates)
+    if act == NONE:
         for r in range(lo, hi):
             for c in range(channels):
                 store(dxn, (r, c), load(dyn, (r, c)) * an[c] + (load(xn, (r, c)) - mc[c]) * pn[c] + qn[c])
-    else:
-        buf = np.empty(channels, an.dtype)
-        for r in range(lo, hi):
-            xr = xn[r]
-            dr = dyn[r]
-            out = dxn[r]
+        return
+    per = max(1, buf.shape[0] // channels)
+    for r0 in range(lo, hi, per):
+        rows = min(per, hi - r0)
+        for j in range(rows):
+            base = j * channels
             for c in range(channels):
-                buf[c] = (load(xr, c) - mc[c]) * an[c] + bn[c]
-            grad_block(buf, channels, act)
+                buf[base + c] = (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c]
+        grad_block(buf, rows * channels, act)
+        for j in range(rows):
+            base = j * channels
             for c in range(channels):
-                store(out, c, load(dr, c) * buf[c] * an[c] + (load(xr, c) - mc[c]) * pn[c] + qn[c])
+                store(dxn, (r0 + j, c), load(dyn, (r0 + j, c)) * buf[base + c] * an[c]
+                      + (load(xn, (r0 + j, c)) - mc[c]) * pn[c] + qn[c])
+
+
+@njit(**JIT)
+def dx_pixel_task(dy, x, dx, n, lo, hi, mean_c, a, b, p, q, act, bufs, t):
+    """One task of dx_channels_last (scratch row t); views made once per task."""
+    buf = bufs[0]
+    if act != NONE:
+        buf = bufs[t]
+    dx_pixels(dy[n], x[n], dx[n], lo, hi, mean_c[n], a[n], b[n], p[n], q[n], act, buf)
 
 
 @njit(parallel=True, **JIT)
@@ -280,12 +314,12 @@ def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act):
     n_batch, hw, channels = x.shape
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
-    for task in prange(n_batch * blocks):
+    tasks = n_batch * blocks
+    bufs = np.empty((tasks if act != NONE else 1, max(BLOCK, channels)), a.dtype)
+    for task in prange(tasks):
         n = task // blocks
         lo = (task - n * blocks) * block_rows
-        dx_pixels(dy[n], x[n], dx[n], lo, min(lo + block_rows, hw), mean_c[n], a[n], b[n],
-                  p[n], q[n], act)
-
+        dx_pixel_task(dy, x, dx, n, lo, min(lo + block_rows, hw), mean_c, a, b, p, q, act, bufs, task)
 
 
 @njit(**JIT)
