@@ -15,19 +15,31 @@ from ..functional import group_norm
 from .suite import Case
 from .timing import time_fn, time_interleaved
 
+# "<activation>" or "scale_shift+<activation>"
 VARIANTS = ("silu", "scale_shift+silu")
+ALL_VARIANTS = VARIANTS + ("gelu", "gelu_tanh", "mish")
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "mish": F.mish,
+}
 
 
-def _composition(x, groups, w, b, scale, shift):
+def _activation_of(variant: str) -> str:
+    return variant.split("+")[-1]
+
+
+def _composition(x, groups, w, b, scale, shift, activation="silu"):
     z = F.group_norm(x, groups, w, b)
     if scale is not None:
         view = scale.shape + (1,) * (x.dim() - 2)
         z = z * (1 + scale.reshape(view)) + shift.reshape(view)
-    return F.silu(z)
+    return _ACTIVATIONS[activation](z)
 
 
-def _fused(x, groups, w, b, scale, shift):
-    return group_norm(x, groups, w, b, activation="silu", scale=scale, shift=shift)
+def _fused(x, groups, w, b, scale, shift, activation="silu"):
+    return group_norm(x, groups, w, b, activation=activation, scale=scale, shift=shift)
 
 
 def _inputs(case: Case, dtype, device, variant, channels_last, requires_grad):
@@ -40,7 +52,7 @@ def _inputs(case: Case, dtype, device, variant, channels_last, requires_grad):
     w = (1 + 0.3 * torch.randn(c, generator=g)).to(device=device, dtype=pdtype)
     b = (0.2 * torch.randn(c, generator=g)).to(device=device, dtype=pdtype)
     scale = shift = None
-    if variant != "silu":
+    if variant.startswith("scale_shift+"):
         scale = (0.2 * torch.randn(n, c, generator=g)).to(device=device, dtype=dtype)
         shift = (0.2 * torch.randn(n, c, generator=g)).to(device=device, dtype=dtype)
     tensors = [x, w, b, scale, shift]
@@ -49,12 +61,12 @@ def _inputs(case: Case, dtype, device, variant, channels_last, requires_grad):
     return tensors
 
 
-def _runner(fn, tensors, groups, backward, dy):
+def _runner(fn, tensors, groups, backward, dy, activation="silu"):
     x, w, b, scale, shift = tensors
     grads = [t for t in tensors if t is not None]
 
     def run():
-        y = fn(x, groups, w, b, scale, shift)
+        y = fn(x, groups, w, b, scale, shift, activation)
         if backward:
             torch.autograd.grad(y, grads, dy)
         return y
@@ -81,14 +93,15 @@ def run_fused_benchmark(cases: Iterable[Case], device="cpu", dtypes=(torch.float
                     backward = p == "fwd+bwd"
                     tensors = _inputs(case, dtype, device, variant, channels_last, backward)
                     dy = torch.randn(case.shape, device=device).to(dtype) if backward else None
-                    ours = _runner(_fused, tensors, case.num_groups, backward, dy)
-                    eager = _runner(_composition, tensors, case.num_groups, backward, dy)
+                    act = _activation_of(variant)
+                    ours = _runner(_fused, tensors, case.num_groups, backward, dy, act)
+                    eager = _runner(_composition, tensors, case.num_groups, backward, dy, act)
                     err = (ours().double() - eager().double()).abs().max().item()
                     row = {"case": case.name, "dtype": str(dtype).replace("torch.", ""), "variant": variant,
                            "pass": p, "max_diff": err}
                     sides = {"ours_us": ours, "eager_us": eager}
                     if compiled is not None:
-                        peer = _runner(compiled, tensors, case.num_groups, backward, dy)
+                        peer = _runner(compiled, tensors, case.num_groups, backward, dy, act)
                         peer()  # compile outside the timed region
                         sides["compile_us"] = peer
                     if torch.device(device).type == "cpu":   # alternate the sides on a shared CPU
