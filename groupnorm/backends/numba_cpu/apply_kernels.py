@@ -128,7 +128,9 @@ def apply_channels_last(x, y, mean_c, a, b, act):
     block_rows = max(1, PIXEL_CHUNK // channels)
     blocks = (hw + block_rows - 1) // block_rows
     tasks = n_batch * blocks
-    bufs = np.empty((tasks if act != NONE else 1, max(BLOCK, channels)), a.dtype)
+    bufs = a   # unused without an activation: no allocation
+    if act != NONE:
+        bufs = np.empty((tasks, max(BLOCK, channels)), a.dtype)
     for task in prange(tasks):
         n = task // blocks
         lo = (task - n * blocks) * block_rows

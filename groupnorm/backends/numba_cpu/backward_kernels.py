@@ -195,7 +195,9 @@ def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, 
     tasks = n_batch * blocks
     part_xc = np.empty((tasks, channels), a.dtype)
     part_dz = np.empty((tasks, channels), a.dtype)
-    bufs = np.empty((tasks if act != NONE else 1, max(BLOCK, channels)), a.dtype)
+    bufs = a   # unused without an activation: no allocation
+    if act != NONE:
+        bufs = np.empty((tasks, max(BLOCK, channels)), a.dtype)
     for task in prange(tasks):
         n = task // blocks
         lo = (task - n * blocks) * block_rows
@@ -315,7 +317,9 @@ def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act):
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
     tasks = n_batch * blocks
-    bufs = np.empty((tasks if act != NONE else 1, max(BLOCK, channels)), a.dtype)
+    bufs = a   # unused without an activation: no allocation
+    if act != NONE:
+        bufs = np.empty((tasks, max(BLOCK, channels)), a.dtype)
     for task in prange(tasks):
         n = task // blocks
         lo = (task - n * blocks) * block_rows

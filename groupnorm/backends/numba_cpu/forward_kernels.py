@@ -97,7 +97,9 @@ def forward_samples(x, y, weight, bias, scale, shift, eps, act, mean, rstd):
     rstd_c = np.empty((n_batch, channels), dt)
     a = np.empty((n_batch, channels), dt)
     b = np.empty((n_batch, channels), dt)
-    bufs = np.empty((n_batch if act != NONE else 1, max(BLOCK, channels)), dt)
+    bufs = a   # unused without an activation: no allocation
+    if act != NONE:
+        bufs = np.empty((n_batch, max(BLOCK, channels)), dt)
     for i in prange(n_batch):
         sample_forward(x, y, np.int64(i), weight, bias, scale, shift, eps, act, mean, rstd, m2, part_mean,
                        part_m2, s, q, sh, s64, q64, mean_c, rstd_c, a, b, bufs)
