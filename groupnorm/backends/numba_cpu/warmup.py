@@ -34,6 +34,11 @@ def warmup(dtypes=COMMON_DTYPES, activations=("none",)) -> float:
                 g = s1.view(1, 2, 2).sum(-1)
                 launch.backward_dx(y, x, mean, rstd, w, w, None, None, g, g, 8, 2, act)
                 launch.backward_grads(y, x, mean, rstd, w, w, None, None, 2, act)   # two-stage entries
+            if channels_last:   # samples over 2^18 elements take the pixel-block forward
+                xb = torch.randn(1, 8, 256, 130).to(dtype).to(memory_format=torch.channels_last)
+                wb = torch.ones(8, dtype=dtype)
+                for act in activations:
+                    launch.forward(xb, wb, wb, None, None, 4, 1e-5, act)
             if not channels_last:          # the fused backward needs N * G >= 8
                 x8 = torch.randn(2, 8, 2, 2).to(dtype)
                 w8 = torch.ones(8, dtype=dtype)
