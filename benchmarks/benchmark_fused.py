@@ -22,14 +22,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--budget", type=float, default=0.3)
+    parser.add_argument("--cases", default="", help="substring filter on case names")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {','.join(ALL_VARIANTS)} (default: %(default)s)")
     args = parser.parse_args()
     full = GPU_SUITE if args.device == "cuda" else [c for c in CPU_SUITE if c.shape[0] * c.shape[1] <= 1280 * 2][1:4]
-    cases = QUICK_SUITE if args.quick else full
+    cases = [c for c in (QUICK_SUITE if args.quick else full) if args.cases in c.name]
     dtypes = (torch.float32, torch.bfloat16)
     rows = run_fused_benchmark(cases, args.device, dtypes, variants=tuple(args.variants.split(",")),
-                               compile_peer=not args.no_compile, budget_s=args.budget)
+                               compile_peer=not args.no_compile, budget_s=args.budget, progress=True)
     print(format_table(rows))
 
 

@@ -7,21 +7,25 @@ import groupnorm
 BIG = 2**31 + 2 * 4099  # elements: past the int32 range
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.mark.slow
-def test_forward_and_backward_past_int32_indexing():
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_and_backward_past_int32_indexing(device):
     # bfloat16 keeps it to 4 GiB per tensor. Two groups of ~2^30 elements each; the second
     # group lives entirely past element 2^31, where an int32 offset would wrap.
     n, c = 1, 2
     hw = BIG // (n * c)
     gen = torch.Generator().manual_seed(0)
-    x = torch.empty(n, c, hw, dtype=torch.bfloat16)
+    x = torch.empty(n, c, hw, dtype=torch.bfloat16, device=device)
     chunk = 1 << 26
     for g in range(c):  # different mean/std per group, filled in chunks to bound memory
         for start in range(0, hw, chunk):
             stop = min(hw, start + chunk)
-            x[0, g, start:stop] = (3.0 * g - 1.0 + (0.5 + g) * torch.randn(stop - start, generator=gen)).bfloat16()
-    w = torch.tensor([1.5, -0.5])
-    b = torch.tensor([0.25, 2.0])
+            x[0, g, start:stop] = (3.0 * g - 1.0 + (0.5 + g) * torch.randn(stop - start, generator=gen)).bfloat16().to(device)
+    w = torch.tensor([1.5, -0.5], device=device)
+    b = torch.tensor([0.25, 2.0], device=device)
     y = groupnorm.group_norm(x, 2, w, b)
     for g in range(c):
         # float64 statistics of the group, in chunks, then spot checks at the far end of memory.
@@ -43,7 +47,7 @@ def test_forward_and_backward_past_int32_indexing():
     wr, br = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     dy = torch.ones_like(x)
     (dx, dw, db) = torch.autograd.grad(groupnorm.group_norm(xr, 2, wr, br), (xr, wr, br), dy)
-    assert torch.allclose(db, torch.full((2,), float(hw)), rtol=1e-4)
+    assert torch.allclose(db, torch.full((2,), float(hw), device=device), rtol=1e-4)
     assert dw.abs().max().item() < 1e-3 * hw
     assert not torch.isnan(dx[0, 1, -4096:].float()).any()
     assert dx[0, 1, -4096:].float().abs().max().item() < 0.1

@@ -75,8 +75,11 @@ def _runner(fn, tensors, groups, backward, dy, activation="silu"):
 
 def run_fused_benchmark(cases: Iterable[Case], device="cpu", dtypes=(torch.float32,), variants=VARIANTS,
                         passes=("fwd", "fwd+bwd"), channels_last=False, compile_peer=True,
-                        budget_s: float = 0.3) -> List[Dict]:
-    """Rows of ours (fused) vs eager composition vs torch.compile'd composition."""
+                        budget_s: float = 0.3, progress: bool = False) -> List[Dict]:
+    """Rows of ours (fused) vs eager composition vs torch.compile'd composition.
+
+    ``progress`` prints each row as it is measured, so a run cut off by a time box keeps them.
+    """
     # One specialised graph per row (shape, dtype, requires_grad): lift dynamo's recompile
     # limit so late rows are still compiled rather than silently run eagerly.
     import torch._dynamo.config as dynamo_config
@@ -110,6 +113,8 @@ def run_fused_benchmark(cases: Iterable[Case], device="cpu", dtypes=(torch.float
                         timings = [time_fn(fn, device, budget_s=budget_s) for fn in sides.values()]
                     row.update({key: t.median_us for key, t in zip(sides, timings)})
                     rows.append(row)
+                    if progress:
+                        print(format_table([row]).splitlines()[-1], flush=True)
     return rows
 
 
