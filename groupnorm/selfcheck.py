@@ -21,6 +21,14 @@ def _input(shape, dtype, device, channels_last):
     return x.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else x
 
 
+def param_dtype_for(dtype: torch.dtype, device) -> torch.dtype:
+    """float32 parameters for half inputs where torch's peer accepts them (CPU); torch's CUDA
+    kernel wants them in the input's dtype (it raises "expected scalar type")."""
+    if dtype in (torch.float32, torch.float64) or torch.device(device).type == "cuda":
+        return dtype
+    return torch.float32
+
+
 def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
@@ -29,7 +37,7 @@ def check_case(case: Case, dtype: torch.dtype, device: str, channels_last: bool)
     """Forward and backward of ours and torch against the float64 reference."""
     x = _input(case.shape, dtype, device, channels_last)
     c = case.shape[1]
-    param_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    param_dtype = param_dtype_for(dtype, device)
     w = (1 + 0.3 * torch.randn(c, device=device)).to(param_dtype)
     b = (0.2 * torch.randn(c, device=device)).to(param_dtype)
     dy = torch.randn(case.shape, device=device).to(dtype)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import group_norm
+from ..selfcheck import param_dtype_for
 from .suite import Case
 from .timing import time_fn, time_interleaved
 
@@ -48,7 +49,7 @@ def _inputs(case: Case, dtype, device, variant, channels_last, requires_grad):
     if channels_last:
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
     c, n = case.shape[1], case.shape[0]
-    pdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    pdtype = param_dtype_for(dtype, device)
     w = (1 + 0.3 * torch.randn(c, generator=g)).to(device=device, dtype=pdtype)
     b = (0.2 * torch.randn(c, generator=g)).to(device=device, dtype=pdtype)
     scale = shift = None

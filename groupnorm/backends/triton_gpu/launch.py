@@ -100,7 +100,7 @@ def _stats_split(x: Tensor, lay: Layout, eps: float, write_m2: bool, write_rstd:
     stats_combine_kernel[(lay.rows,)](
         parts[0], parts[1], parts[2], parts[3], mean, m2 if write_m2 else mean, rstd if write_rstd else mean,
         p.split, eps, WRITE_M2=write_m2, WRITE_RSTD=write_rstd,
-        BLOCK_S=triton.next_power_of_2(p.split), num_warps=1)
+        BLOCK_S=plan.next_power_of_2(p.split), num_warps=1)
     return mean, m2, rstd
 
 
@@ -159,7 +159,7 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: i
     alloc = empty if p.split == 1 else (lambda s, d, dev: torch.empty(s, dtype=d, device=dev))
     p1 = alloc((lay.n, p.split, lay.c), acc, x.device)
     p0 = alloc((lay.n, p.split, lay.c), acc, x.device)
-    reduce_partial_kernel[(lay.n, triton.cdiv(lay.c, p.block_c), p.split)](
+    reduce_partial_kernel[(lay.n, plan.cdiv(lay.c, p.block_c), p.split)](
         dy, x, mean.contiguous(), rstd.contiguous(), *ptrs, p1, p0,
         lay.c, lay.hw, lay.g, lay.stride_n, lay.stride_c, lay.stride_hw, p.chunk_hw, p.split,
         CPG=lay.cpg, **flags, ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype),
@@ -168,8 +168,8 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: i
         return p1.view(lay.n, lay.c), p0.view(lay.n, lay.c)
     s1 = empty((lay.n, lay.c), acc, x.device)
     s0 = empty((lay.n, lay.c), acc, x.device)
-    block = min(1024, triton.next_power_of_2(lay.c))
-    reduce_combine_kernel[(lay.n, triton.cdiv(lay.c, block))](
+    block = min(1024, plan.next_power_of_2(lay.c))
+    reduce_combine_kernel[(lay.n, plan.cdiv(lay.c, block))](
         p1, p0, s1, s0, lay.c, p.split, ACC=_acc_tl(x.dtype), BLOCK=block,
         num_warps=max(1, min(8, block // 128)))
     return s1, s0

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import triton
-
 # A group of at most this many elements is held in registers by one program: the fused
 # forward reads x once. Above it, statistics and apply are separate split passes.
 FUSED_MAX_GROUP = 8192
@@ -50,6 +48,17 @@ class ReducePlan:
     num_warps: int
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division in plain Python (``cdiv`` is a JIT function: ~7 us a call
+    from the host, paid dozens of times per forward + backward)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1); plain Python, like ``cdiv``."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _warps(elements: int) -> int:
     # About 8 elements per thread (fewer for tiny blocks), 1 to 16 warps.
     return max(1, min(16, elements // 256))
@@ -64,40 +73,40 @@ def use_fused(group_size: int) -> bool:
 
 
 def fused_plan(group_size: int) -> FusedPlan:
-    block = triton.next_power_of_2(max(group_size, 1))
+    block = next_power_of_2(max(group_size, 1))
     return FusedPlan(block=block, num_warps=_warps(block // 2))
 
 
 def _split_count(length: int, rows: int, block: int, num_sms: int) -> int:
     # Programs per row so rows * split reaches the target, each with >= SPLIT_MIN_CHUNK.
-    want = triton.cdiv(target_programs(num_sms), max(rows, 1))
-    most = max(1, triton.cdiv(length, max(SPLIT_MIN_CHUNK, block)))
+    want = cdiv(target_programs(num_sms), max(rows, 1))
+    most = max(1, cdiv(length, max(SPLIT_MIN_CHUNK, block)))
     return max(1, min(want, most, MAX_SPLIT))
 
 
 def split_plan(group_size: int, rows: int, num_sms: int) -> SplitPlan:
     """Plan for a pass over ``rows`` groups (N * G) of ``group_size`` elements each."""
-    block = min(LOOP_BLOCK, triton.next_power_of_2(max(group_size, 1)))
+    block = min(LOOP_BLOCK, next_power_of_2(max(group_size, 1)))
     split = _split_count(group_size, rows, block, num_sms)
-    chunk = triton.cdiv(triton.cdiv(group_size, split), block) * block
-    split = triton.cdiv(group_size, chunk)  # no empty programs
+    chunk = cdiv(cdiv(group_size, split), block) * block
+    split = cdiv(group_size, chunk)  # no empty programs
     return SplitPlan(block=block, chunk=chunk, split=split, num_warps=_warps(block))
 
 
 def reduce_plan(n: int, c: int, hw: int, channels_last: bool, num_sms: int) -> ReducePlan:
     """Plan for the per-(n, c) backward sums: tiles along the contiguous dimension."""
-    c2, hw2 = triton.next_power_of_2(c), triton.next_power_of_2(hw)
+    c2, hw2 = next_power_of_2(c), next_power_of_2(hw)
     if channels_last:
         block_c = min(c2, max(1, min(128, REDUCE_TILE)))
         block_hw = min(hw2, max(1, REDUCE_TILE // block_c))
     else:
         block_hw = min(hw2, max(1, min(1024, REDUCE_TILE)))
         block_c = min(c2, max(1, REDUCE_TILE // block_hw))
-    rows = n * triton.cdiv(c, block_c)
-    want = triton.cdiv(target_programs(num_sms), rows)
-    most = max(1, triton.cdiv(hw * block_c, max(SPLIT_MIN_CHUNK, block_c * block_hw)))
+    rows = n * cdiv(c, block_c)
+    want = cdiv(target_programs(num_sms), rows)
+    most = max(1, cdiv(hw * block_c, max(SPLIT_MIN_CHUNK, block_c * block_hw)))
     split = max(1, min(want, most, MAX_SPLIT))
-    chunk_hw = triton.cdiv(triton.cdiv(hw, split), block_hw) * block_hw
-    split = triton.cdiv(hw, chunk_hw)
+    chunk_hw = cdiv(cdiv(hw, split), block_hw) * block_hw
+    split = cdiv(hw, chunk_hw)
     return ReducePlan(block_c=block_c, block_hw=block_hw, chunk_hw=chunk_hw, split=split,
                       num_warps=_warps(block_c * block_hw))
