@@ -31,7 +31,7 @@ from groupnorm import group_norm  # noqa: E402
 from groupnorm.backends.triton_gpu import launch  # noqa: E402
 
 KERNELS = ("fused_forward_kernel", "stats_partial_kernel", "stats_combine_kernel", "apply_kernel",
-           "reduce_partial_kernel", "reduce_combine_kernel", "dx_kernel")
+           "reduce_partial_kernel", "reduce_combine_kernel", "dx_kernel", "finish_kernel")
 
 
 class _NoLaunch:

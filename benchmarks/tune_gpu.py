@@ -31,6 +31,7 @@ from groupnorm.bench.timing import time_fn  # noqa: E402
 
 VARIANTS = {
     "base": {},
+    "nchw_waves4": {"WAVES_PER_SM_NCHW": 4},
     "waves8": {"WAVES_PER_SM": 8},
     "waves16": {"WAVES_PER_SM": 16},
     "waves32": {"WAVES_PER_SM": 32},

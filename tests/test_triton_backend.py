@@ -141,7 +141,32 @@ def _check_contract(x, w, b, sc, sh, dy, num_groups, activation):
                                  sdxx.to(acc).double(), count, num_groups, activation)
     assert dx.dtype == dtype and dx.stride() == x.stride()
     _close(dx, dx_r, dtype, "backward_dx")
+    _check_backward_grads(x, w, b, sc, sh, dy, mean_in, rstd_in, num_groups, activation)
     return y
+
+
+def _check_backward_grads(x, w, b, sc, sh, dy, mean, rstd, num_groups, activation):
+    """backward_grads (three launches) against the reference stages + grad_terms in float64."""
+    from groupnorm import grad_terms
+
+    xd, wd, bd, scd, shd, dyd = map(_d, (x, w, b, sc, sh, dy))
+    md, rd = mean.double().cpu(), rstd.double().cpu()
+    a, bsum = reference.backward_reduce(dyd, xd, md, rd, wd, bd, scd, shd, num_groups, activation)
+    sdx, sdxx = grad_terms.group_sums(a, bsum, wd, scd, num_groups)
+    dx_r = reference.backward_dx(dyd, xd, md, rd, wd, bd, scd, shd, sdx, sdxx,
+                                 x.numel() // (x.shape[0] * num_groups), num_groups, activation)
+    want = (dx_r,) + tuple(grad_terms.param_grads(a, bsum, wd, bd, scd, shd))
+    got = tg.backward_grads(dy, x, mean, rstd, w, b, sc, sh, num_groups, activation, True)
+    names = ("dx", "dweight", "dbias", "dscale", "dshift")
+    for ours, ref, param, name in zip(got, want, (x, w, b, sc, sh), names):
+        if param is None:
+            assert ours is None, name
+            continue
+        assert ours.dtype == param.dtype and ours.shape == param.shape, name
+        # Parameter gradients are sums over N * HW terms rounded once to the parameter dtype.
+        _close(ours, ref, param.dtype if name != "dx" else x.dtype, f"backward_grads {name}")
+    assert got[0].stride() == x.stride()
+    assert tg.backward_grads(dy, x, mean, rstd, w, b, sc, sh, num_groups, activation, False)[0] is None
 
 
 def _contract_cases():

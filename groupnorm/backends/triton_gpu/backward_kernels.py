@@ -148,3 +148,68 @@ def dx_kernel(
         dxhat = dxhat_factor(dz, n, c, mask, C, w_ptr, scale_ptr, HAS_WEIGHT, HAS_SCALE)
         dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
         tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def finish_kernel(
+    p1_ptr,     # (N, SPLIT, C) partial sum(dz1 * xhat), ACC (reduce_partial_kernel's output)
+    p0_ptr,     # (N, SPLIT, C) partial sum(dz1), ACC
+    w_ptr,      # (C,) weight (unused without HAS_WEIGHT)
+    b_ptr,      # (C,) bias (unused without HAS_BIAS)
+    scale_ptr,  # (N, C) scale (unused without HAS_SCALE)
+    sdx_ptr,    # (N, G) out: sum over the group of dxhat, ACC
+    sdxx_ptr,   # (N, G) out: sum over the group of dxhat * xhat, ACC
+    dw_ptr,     # (C,) out: dweight, weight's dtype (unused without HAS_WEIGHT)
+    db_ptr,     # (C,) out: dbias, bias's dtype (unused without HAS_BIAS)
+    ds_ptr,     # (N, C) out: dscale, scale's dtype (unused without HAS_SCALE)
+    dt_ptr,     # (N, C) out: dshift, shift's dtype (unused without HAS_SHIFT)
+    N, C, G, SPLIT,
+    CPG: tl.constexpr, BLOCK_CPG: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACC: tl.constexpr,
+):
+    """Everything between the partial sums and dx, in one launch (``grad_terms`` in Triton).
+
+    Program g owns the CPG channels of group g. Per sample n it sums the SPLIT partials in
+    the fixed order s = 0, 1, ... into A = sum_hw dz1 xhat and B = sum_hw dz1, then writes
+    the group terms dx needs (sum of gain * B and gain * A, gain = w (1 + scale)), dscale =
+    w A + b B and dshift = B; dweight = sum_n (1 + scale) A and dbias = sum_n (1 + scale) B
+    accumulate over n in order and are written once. Fixed orders: bitwise deterministic.
+    """
+    g = tl.program_id(0)
+    j = tl.arange(0, BLOCK_CPG)
+    mask = j < CPG
+    c = g * CPG + j
+    w = tl.full([BLOCK_CPG], 1.0, ACC)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(ACC)
+    b = tl.zeros([BLOCK_CPG], dtype=ACC)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + c, mask=mask, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_CPG], dtype=ACC)
+    db = tl.zeros([BLOCK_CPG], dtype=ACC)
+    for n in range(0, N):
+        a_sum = tl.zeros([BLOCK_CPG], dtype=ACC)
+        b_sum = tl.zeros([BLOCK_CPG], dtype=ACC)
+        row = n * SPLIT * C  # partials and (N, C) arrays are far below 2^31 elements
+        for s in range(0, SPLIT):
+            a_sum += tl.load(p1_ptr + row + s * C + c, mask=mask, other=0.0)
+            b_sum += tl.load(p0_ptr + row + s * C + c, mask=mask, other=0.0)
+        nc = n * C + c
+        if HAS_SCALE:
+            k = 1.0 + tl.load(scale_ptr + nc, mask=mask, other=0.0).to(ACC)
+            ka, kb = k * a_sum, k * b_sum
+        else:
+            ka, kb = a_sum, b_sum
+        tl.store(sdx_ptr + n * G + g, tl.sum(tl.where(mask, w * kb, 0.0), axis=0))
+        tl.store(sdxx_ptr + n * G + g, tl.sum(tl.where(mask, w * ka, 0.0), axis=0))
+        dw += ka
+        db += kb
+        if HAS_SCALE:
+            tl.store(ds_ptr + nc, (w * a_sum + b * b_sum).to(ds_ptr.dtype.element_ty), mask=mask)
+        if HAS_SHIFT:
+            tl.store(dt_ptr + nc, b_sum.to(dt_ptr.dtype.element_ty), mask=mask)
+    if HAS_WEIGHT:
+        tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=mask)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import plan
 from .apply_kernels import apply_kernel
-from .backward_kernels import dx_kernel, reduce_combine_kernel, reduce_partial_kernel
+from .backward_kernels import dx_kernel, finish_kernel, reduce_combine_kernel, reduce_partial_kernel
 from .epilogue_jit import ACTIVATION_CODES
 from .stats_kernels import fused_forward_kernel, stats_combine_kernel, stats_partial_kernel
 
@@ -83,43 +83,46 @@ def _params(x: Tensor, weight, bias, scale, shift):
     return [x if t is None else t for t in ts], flags
 
 
-def _stats_split(x: Tensor, lay: Layout, eps: float, write_m2: bool, write_rstd: bool):
-    """Two-stage statistics -> (mean, m2 or None, rstd or None), each (N, G) ACC."""
-    acc = acc_dtype(x.dtype)
-    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device))
+def _stats_partials(x: Tensor, lay: Layout):
+    """Stage 1 of the split statistics -> ((4, N * G, split) partials in ACC, split)."""
+    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device), lay.channels_last)
     # Partials are internal scratch: never poisoned, fully written by stage 1.
-    parts = torch.empty((4, lay.rows, p.split), dtype=acc, device=x.device)
+    parts = torch.empty((4, lay.rows, p.split), dtype=acc_dtype(x.dtype), device=x.device)
     stats_partial_kernel[(lay.rows, p.split)](
         x, parts[0], parts[1], parts[2], parts[3],
         lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk, p.split,
         CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, ACC=_acc_tl(x.dtype), BLOCK=p.block,
         num_warps=p.num_warps)
-    mean = empty((lay.n, lay.g), acc, x.device)
-    m2 = empty((lay.n, lay.g), acc, x.device) if write_m2 else None
-    rstd = empty((lay.n, lay.g), acc, x.device) if write_rstd else None
-    stats_combine_kernel[(lay.rows,)](
-        parts[0], parts[1], parts[2], parts[3], mean, m2 if write_m2 else mean, rstd if write_rstd else mean,
-        p.split, eps, WRITE_M2=write_m2, WRITE_RSTD=write_rstd,
-        BLOCK_S=plan.next_power_of_2(p.split), num_warps=1)
-    return mean, m2, rstd
+    return parts, p.split
 
 
 def stats(x: Tensor, num_groups: int) -> Tuple[Tensor, Tensor]:
     lay = Layout(x, num_groups)
-    mean, m2, _ = _stats_split(x, lay, 0.0, True, False)
+    parts, split = _stats_partials(x, lay)
+    acc = acc_dtype(x.dtype)
+    mean = empty((lay.n, lay.g), acc, x.device)
+    m2 = empty((lay.n, lay.g), acc, x.device)
+    stats_combine_kernel[(lay.rows,)](
+        parts[0], parts[1], parts[2], parts[3], mean, m2, mean, split, 0.0,
+        WRITE_M2=True, WRITE_RSTD=False, BLOCK_S=plan.next_power_of_2(split), num_warps=1)
     return mean, m2
 
 
-def _apply(x, lay: Layout, mean, rstd, weight, bias, scale, shift, activation: str) -> Tensor:
+def _apply(x, lay: Layout, mean, rstd, weight, bias, scale, shift, activation: str, eps: float = 0.0,
+           parts=None, split_s: int = 1) -> Tensor:
+    """y from given statistics, or (``parts``) from stage-1 partials merged in the same
+    launch, which then also writes ``mean`` and ``rstd``."""
     y = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
-    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device))
+    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device), lay.channels_last)
+    merge = parts is not None
+    pp = (parts[0], parts[1], parts[2], parts[3]) if merge else (mean, mean, mean, mean)
     apply_kernel[(lay.rows, p.split)](
-        x, y, mean, rstd, *ptrs,
-        lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk,
+        x, y, mean, rstd, *ptrs, *pp,
+        lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk, split_s, eps,
         CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, **flags,
         ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype), BLOCK=p.block,
-        num_warps=p.num_warps)
+        MERGE=merge, BLOCK_S=plan.next_power_of_2(split_s), num_warps=p.num_warps)
     return y
 
 
@@ -130,14 +133,15 @@ def apply(x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation
 
 def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activation: str):
     lay = Layout(x, num_groups)
-    if not plan.use_fused(lay.group_size):
-        mean, _, rstd = _stats_split(x, lay, eps, False, True)
-        y = _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation)
-        return y, mean, rstd
     acc = acc_dtype(x.dtype)
-    y = empty_like(x)
     mean = empty((lay.n, lay.g), acc, x.device)
     rstd = empty((lay.n, lay.g), acc, x.device)
+    if not plan.use_fused(lay.group_size):
+        # Two launches: partial statistics, then apply (which merges them and writes mean/rstd).
+        parts, split = _stats_partials(x, lay)
+        y = _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation, eps, parts, split)
+        return y, mean, rstd
+    y = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
     p = plan.fused_plan(lay.group_size)
     fused_forward_kernel[(lay.rows,)](
@@ -149,30 +153,70 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activati
     return y, mean, rstd
 
 
-def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation: str):
-    lay = Layout(x, num_groups)
-    dy = _same_layout(dy, lay)
+def _reduce_partials(dy, x, lay: Layout, mean, rstd, ptrs, flags, activation: str, alloc):
+    """Stage 1 of the per-(n, c) sums -> (p1, p0) as (N, split, C) in ACC, and split."""
     acc = acc_dtype(x.dtype)
-    ptrs, flags = _params(x, weight, bias, scale, shift)
     p = plan.reduce_plan(lay.n, lay.c, lay.hw, lay.channels_last, num_sms(x.device))
-    # With one split the partials are the result (no second launch); else they are scratch.
-    alloc = empty if p.split == 1 else (lambda s, d, dev: torch.empty(s, dtype=d, device=dev))
     p1 = alloc((lay.n, p.split, lay.c), acc, x.device)
     p0 = alloc((lay.n, p.split, lay.c), acc, x.device)
     reduce_partial_kernel[(lay.n, plan.cdiv(lay.c, p.block_c), p.split)](
-        dy, x, mean.contiguous(), rstd.contiguous(), *ptrs, p1, p0,
+        dy, x, mean, rstd, *ptrs, p1, p0,
         lay.c, lay.hw, lay.g, lay.stride_n, lay.stride_c, lay.stride_hw, p.chunk_hw, p.split,
         CPG=lay.cpg, **flags, ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype),
         BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=p.num_warps)
-    if p.split == 1:
+    return p1, p0, p.split
+
+
+def _scratch(shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation: str):
+    lay = Layout(x, num_groups)
+    dy = _same_layout(dy, lay)
+    ptrs, flags = _params(x, weight, bias, scale, shift)
+    # With one split the partials are the result (no second launch); else they are scratch.
+    p = plan.reduce_plan(lay.n, lay.c, lay.hw, lay.channels_last, num_sms(x.device))
+    p1, p0, split = _reduce_partials(dy, x, lay, mean.contiguous(), rstd.contiguous(), ptrs, flags,
+                                     activation, empty if p.split == 1 else _scratch)
+    if split == 1:
         return p1.view(lay.n, lay.c), p0.view(lay.n, lay.c)
+    acc = acc_dtype(x.dtype)
     s1 = empty((lay.n, lay.c), acc, x.device)
     s0 = empty((lay.n, lay.c), acc, x.device)
     block = min(1024, plan.next_power_of_2(lay.c))
     reduce_combine_kernel[(lay.n, plan.cdiv(lay.c, block))](
-        p1, p0, s1, s0, lay.c, p.split, ACC=_acc_tl(x.dtype), BLOCK=block,
+        p1, p0, s1, s0, lay.c, split, ACC=_acc_tl(x.dtype), BLOCK=block,
         num_warps=max(1, min(8, block // 128)))
     return s1, s0
+
+
+def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation: str,
+                   need_dx: bool = True):
+    """(dx, dweight, dbias, dscale, dshift) in three launches: partial sums, the group and
+    parameter terms (finish_kernel), dx. The contract's two stages plus ``grad_terms`` take
+    about ten (torch's small reductions and casts among them), each a host-side cost that
+    dominates small shapes."""
+    lay = Layout(x, num_groups)
+    dy = _same_layout(dy, lay)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    ptrs, flags = _params(x, weight, bias, scale, shift)
+    p1, p0, split = _reduce_partials(dy, x, lay, mean, rstd, ptrs, flags, activation, _scratch)
+    acc = acc_dtype(x.dtype)
+    sdx = _scratch((lay.n, lay.g), acc, x.device)
+    sdxx = _scratch((lay.n, lay.g), acc, x.device)
+    grads = [None if t is None else empty(t.shape, t.dtype, x.device) for t in (weight, bias, scale, shift)]
+    outs = [x if t is None else t for t in grads]
+    block_cpg = plan.next_power_of_2(lay.cpg)
+    finish_kernel[(lay.g,)](
+        p1, p0, ptrs[0], ptrs[1], ptrs[2], sdx, sdxx, *outs, lay.n, lay.c, lay.g, split,
+        CPG=lay.cpg, BLOCK_CPG=block_cpg, **flags, ACC=_acc_tl(x.dtype),
+        num_warps=max(1, min(8, block_cpg // 256)))
+    dx = None
+    if need_dx:
+        dx = backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sdx, sdxx,
+                         lay.group_size, num_groups, activation)
+    return (dx, *grads)
 
 
 def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat,
@@ -181,7 +225,7 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
     dy = _same_layout(dy, lay)
     dx = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
-    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device))
+    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device), lay.channels_last)
     dx_kernel[(lay.rows, p.split)](
         dy, x, dx, mean.contiguous(), rstd.contiguous(), *ptrs,
         sum_dxhat.contiguous(), sum_dxhat_xhat.contiguous(), int(count),

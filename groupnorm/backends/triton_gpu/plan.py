@@ -17,8 +17,13 @@ LOOP_BLOCK = 1024
 SPLIT_MIN_CHUNK = 4096
 # Most programs one group's (or one channel block's) reduction is split into.
 MAX_SPLIT = 256
-# Programs per SM to aim for, so small N * G still fills the GPU.
+# Programs per SM to aim for, so small N * G still fills the GPU. The split passes over an
+# NCHW group read one contiguous run and want more programs in flight; over a channels-last
+# group each program reads CPG of every C values, and more programs were slower. Measured on
+# an H100 (2026-11-26, benchmarks/tune_gpu.py, float16): NCHW forward 23-42% faster at 8
+# than at 4 on (1,256,1024,1024), (8,512,128,128), (1,128,512,512); channels-last 15% slower.
 WAVES_PER_SM = 4
+WAVES_PER_SM_NCHW = 8
 # SM count assumed for CPU tensors (the Triton interpreter): small, keeps tests fast.
 CPU_NUM_SMS = 4
 # Elements of one backward_reduce tile [BLOCK_C, BLOCK_HW].
@@ -64,8 +69,8 @@ def _warps(elements: int) -> int:
     return max(1, min(16, elements // 256))
 
 
-def target_programs(num_sms: int) -> int:
-    return max(1, num_sms * WAVES_PER_SM)
+def target_programs(num_sms: int, waves: int = 0) -> int:
+    return max(1, num_sms * (waves or WAVES_PER_SM))
 
 
 def use_fused(group_size: int) -> bool:
@@ -77,17 +82,18 @@ def fused_plan(group_size: int) -> FusedPlan:
     return FusedPlan(block=block, num_warps=_warps(block // 2))
 
 
-def _split_count(length: int, rows: int, block: int, num_sms: int) -> int:
+def _split_count(length: int, rows: int, block: int, num_sms: int, waves: int) -> int:
     # Programs per row so rows * split reaches the target, each with >= SPLIT_MIN_CHUNK.
-    want = cdiv(target_programs(num_sms), max(rows, 1))
+    want = cdiv(target_programs(num_sms, waves), max(rows, 1))
     most = max(1, cdiv(length, max(SPLIT_MIN_CHUNK, block)))
     return max(1, min(want, most, MAX_SPLIT))
 
 
-def split_plan(group_size: int, rows: int, num_sms: int) -> SplitPlan:
+def split_plan(group_size: int, rows: int, num_sms: int, channels_last: bool = False) -> SplitPlan:
     """Plan for a pass over ``rows`` groups (N * G) of ``group_size`` elements each."""
     block = min(LOOP_BLOCK, next_power_of_2(max(group_size, 1)))
-    split = _split_count(group_size, rows, block, num_sms)
+    waves = WAVES_PER_SM if channels_last else WAVES_PER_SM_NCHW
+    split = _split_count(group_size, rows, block, num_sms, waves)
     chunk = cdiv(cdiv(group_size, split), block) * block
     split = cdiv(group_size, chunk)  # no empty programs
     return SplitPlan(block=block, chunk=chunk, split=split, num_warps=_warps(block))

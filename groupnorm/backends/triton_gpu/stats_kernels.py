@@ -107,6 +107,26 @@ def stats_partial_kernel(
 
 
 @triton.jit
+def merge_partials(count_ptr, pmean_ptr, pm2_ptr, ppivot_ptr, row, SPLIT, BLOCK_S: tl.constexpr):
+    """Chan's merge of one group's SPLIT partials -> (mean, m2, count), in a fixed tree.
+
+    k = sum k_s, mean = sum(k_s mean_s) / k, m2 = sum(m2_s + k_s (mean_s - mean)^2): the
+    same order for a given SPLIT on every run and in every program that calls it, so the
+    result is bitwise deterministic (the apply kernel calls it from each of its programs).
+    """
+    s = tl.arange(0, BLOCK_S)
+    mask = s < SPLIT
+    k_s = tl.load(count_ptr + row * SPLIT + s, mask=mask, other=0.0)
+    mean_s = tl.load(pmean_ptr + row * SPLIT + s, mask=mask, other=0.0)
+    m2_s = tl.load(pm2_ptr + row * SPLIT + s, mask=mask, other=0.0)
+    k = tl.sum(k_s, axis=0)
+    mean = tl.sum(k_s * mean_s, axis=0) / tl.maximum(k, 1.0)
+    dev = mean_s - mean
+    m2 = tl.sum(tl.where(mask, m2_s + k_s * dev * dev, 0.0), axis=0)
+    return tl.load(ppivot_ptr + row * SPLIT) + mean, m2, k
+
+
+@triton.jit
 def stats_combine_kernel(
     count_ptr,     # (N * G, SPLIT) partial counts, ACC
     pmean_ptr,     # (N * G, SPLIT) partial means, ACC
@@ -118,22 +138,10 @@ def stats_combine_kernel(
     SPLIT, eps,
     WRITE_M2: tl.constexpr, WRITE_RSTD: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Stage 2: one program per group merges its SPLIT partials with Chan's formula.
-
-    k = sum k_s, mean = sum(k_s mean_s) / k, m2 = sum(m2_s + k_s (mean_s - mean)^2): the
-    same fixed tree for a given SPLIT on every run, so the result is bitwise deterministic.
-    """
+    """Stage 2 on its own (the stats op): one program per group merges its SPLIT partials."""
     row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
-    mask = s < SPLIT
-    k_s = tl.load(count_ptr + row * SPLIT + s, mask=mask, other=0.0)
-    mean_s = tl.load(pmean_ptr + row * SPLIT + s, mask=mask, other=0.0)
-    m2_s = tl.load(pm2_ptr + row * SPLIT + s, mask=mask, other=0.0)
-    k = tl.sum(k_s, axis=0)
-    mean = tl.sum(k_s * mean_s, axis=0) / tl.maximum(k, 1.0)
-    dev = mean_s - mean
-    m2 = tl.sum(tl.where(mask, m2_s + k_s * dev * dev, 0.0), axis=0)
-    tl.store(mean_ptr + row, tl.load(ppivot_ptr + row * SPLIT) + mean)
+    mean, m2, k = merge_partials(count_ptr, pmean_ptr, pm2_ptr, ppivot_ptr, row, SPLIT, BLOCK_S)
+    tl.store(mean_ptr + row, mean)
     if WRITE_M2:
         tl.store(m2_ptr + row, m2)
     if WRITE_RSTD:
