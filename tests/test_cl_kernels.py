@@ -52,32 +52,34 @@ def test_forward_paths_bitwise_equal(shape, groups, dtype, act, scaled):
     n, c = shape[:2]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(1)
-    w = launch.param((1 + 0.3 * torch.randn(c, generator=g)).to(dtype), acc)
-    b = launch.param((0.2 * torch.randn(c, generator=g)).to(dtype), acc)
-    empty = np.empty(0, w.dtype)
+    w_t = (1 + 0.3 * torch.randn(c, generator=g)).to(dtype)
+    b_t = (0.2 * torch.randn(c, generator=g)).to(dtype)
+    w, b = launch.param(w_t, acc), launch.param(b_t, acc)   # half types: raw bits
+    adt = np.float64 if dtype == torch.float64 else np.float32
+    empty = np.empty(0, adt)
     s = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
     t = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
     xv = launch.pixels_view(x)
     outs = []
     for path in ("samples", "blocks"):
         y = torch.full_like(x, float("nan"))
-        mean = np.full((n, groups), np.nan, w.dtype)
-        rstd = np.full((n, groups), np.nan, w.dtype)
+        mean = np.full((n, groups), np.nan, adt)
+        rstd = np.full((n, groups), np.nan, adt)
         if path == "samples":
             forward_samples(xv, launch.pixels_view(y), w, b, s, t, 1e-5, CODES[act], mean, rstd)
         else:
-            forward_pixel_blocks(xv, launch.pixels_view(y), w, b, s, t, 1e-5, CODES[act], w.dtype.type(0),
+            forward_pixel_blocks(xv, launch.pixels_view(y), w, b, s, t, 1e-5, CODES[act], adt(0),
                                  mean, rstd)
         outs.append((y, torch.from_numpy(mean), torch.from_numpy(rstd)))
     for a_, b_ in zip(outs[0], outs[1]):
         assert torch.equal(a_, b_)
-    m = np.empty((n, groups), w.dtype)
-    m2 = np.empty((n, groups), w.dtype)
-    stats_channels_last(xv, groups, m, m2, w.dtype.type(0))
+    m = np.empty((n, groups), adt)
+    m2 = np.empty((n, groups), adt)
+    stats_channels_last(xv, groups, m, m2, adt(0))
     assert torch.equal(torch.from_numpy(m), outs[0][1])
     sc = None if not scaled else torch.from_numpy(s).view(n, c).double()
     sh = None if not scaled else torch.from_numpy(t).view(n, c).double()
-    ry, rmean, _ = reference.forward(x.double(), torch.from_numpy(w).double(), torch.from_numpy(b).double(),
+    ry, rmean, _ = reference.forward(x.double(), w_t.double(), b_t.double(),
                                      sc, sh, groups, 1e-5, act)
     tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
     torch.testing.assert_close(outs[0][0].double(), ry, atol=tol, rtol=tol)

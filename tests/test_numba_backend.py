@@ -322,3 +322,29 @@ def test_first_kernel_call_keeps_torch_thread_count():
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "1"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,groups,cl", [((2, 16, 7, 9), 4, False), ((2, 16, 7, 9), 4, True),
+                                             ((1, 8, 5, 5), 2, False)])
+def test_half_params_read_and_written_as_bits(dtype, shape, groups, cl):
+    """Half-type weight/bias reach the kernels as raw bits (no per-call conversion) and
+    their gradients come back in their own dtype, equal to the float64 gradients."""
+    from groupnorm.backends.numba_cpu import launch
+
+    x = make_x(shape, dtype, cl)
+    dy = make_x(shape, dtype, cl, seed=7)
+    w, b, _, _ = make_params(shape[1], shape[0], dtype)
+    view = launch.param(w, torch.float32)
+    assert view.dtype.itemsize == 2 and np.shares_memory(view, w.view(torch.int16).numpy())
+    y, mean, rstd = numba_cpu.forward(x, w, b, None, None, groups, 1e-5, "none")
+    ry, _, _ = reference.forward(x.double(), f64(w), f64(b), None, None, groups, 1e-5, "none")
+    torch.testing.assert_close(y.double(), ry, atol=ATOL[dtype], rtol=ATOL[dtype])
+    dx, dw, db, ds, dt = numba_cpu.backward_grads(dy, x, mean, rstd, w, b, None, None, groups, "none")
+    assert dw.dtype == dtype and db.dtype == dtype and ds is None and dt is None
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    F.group_norm(xd, groups, wd, bd, 1e-5).backward(dy.double())
+    for got, ref in ((dw, wd.grad), (db, bd.grad), (dx, xd.grad)):
+        assert not torch.isnan(got).any()
+        scale = max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(got.double(), ref, atol=ATOL[dtype] * 4 * scale, rtol=ATOL[dtype] * 2)

@@ -5,12 +5,15 @@
 
 x - mean is formed first so a large mean never cancels catastrophically. Computed in
 float64 (N * C numbers) and stored in the accumulation dtype. Absent parameters arrive
-as size-0 arrays.
+as size-0 arrays; bfloat16 / float16 parameters arrive as their raw bits (uint16 / int16
+views, read through ``elements.load``), so the launcher converts nothing per call.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+from .elements import load
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -22,10 +25,10 @@ def z1_coefs_sample(n, mean, rstd, weight, bias, scale, shift, mean_c, rstd_c, a
     cpg = channels // groups
     for c in range(channels):
         g = c // cpg
-        w = np.float64(weight[c]) if weight.size else 1.0
-        bb = np.float64(bias[c]) if bias.size else 0.0
-        s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
-        t = np.float64(shift[n * channels + c]) if shift.size else 0.0
+        w = np.float64(load(weight, c)) if weight.size else 1.0
+        bb = np.float64(load(bias, c)) if bias.size else 0.0
+        s1 = 1.0 + np.float64(load(scale, n * channels + c)) if scale.size else 1.0
+        t = np.float64(load(shift, n * channels + c)) if shift.size else 0.0
         r = np.float64(rstd[n, g])
         mean_c[n, c] = mean[n, g]
         rstd_c[n, c] = r
@@ -78,7 +81,7 @@ def gain_coefs(weight, scale, n_batch, channels):
     gain = np.empty(n_batch * channels, np.float64)
     for n in range(n_batch):
         for c in range(channels):
-            w = np.float64(weight[c]) if weight.size else 1.0
-            s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
+            w = np.float64(load(weight, c)) if weight.size else 1.0
+            s1 = 1.0 + np.float64(load(scale, n * channels + c)) if scale.size else 1.0
             gain[n * channels + c] = w * s1
     return gain

@@ -15,20 +15,22 @@ from numba import njit
 
 from .backward_kernels import backward_fused_rows, dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
 from .coefs import dx_coefs, gain_coefs, z1_coefs
+from .elements import store
 
 JIT = dict(cache=True, error_model="numpy")
 
 
 @njit(**JIT)
 def column_sums(sums, out):
-    """out[c] = sum_n sums[n * C + c] in float64, n in order (dweight / dbias without scale)."""
+    """out[c] = sum_n sums[n * C + c] in float64, n in order (dweight / dbias without scale),
+    rounded once into out's dtype (a half-type parameter's gradient is written as its bits)."""
     channels = out.shape[0]
     n_batch = sums.shape[0] // channels
     for c in range(channels):
         acc = 0.0
         for n in range(n_batch):
             acc += np.float64(sums[n * channels + c])
-        out[c] = acc
+        store(out, c, acc)
 
 
 @njit(**JIT)

@@ -156,10 +156,10 @@ def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, 
     buf = np.empty(BLOCK if act != NONE else 0, mean.dtype)
     for cc in range(cpg):
         c = g * cpg + cc
-        w = np.float64(weight[c]) if weight.size else 1.0
-        bb = np.float64(bias[c]) if bias.size else 0.0
-        s1 = 1.0 + np.float64(scale[n * channels + c]) if scale.size else 1.0
-        t = np.float64(shift[n * channels + c]) if shift.size else 0.0
+        w = np.float64(load(weight, c)) if weight.size else 1.0
+        bb = np.float64(load(bias, c)) if bias.size else 0.0
+        s1 = 1.0 + np.float64(load(scale, n * channels + c)) if scale.size else 1.0
+        t = np.float64(load(shift, n * channels + c)) if shift.size else 0.0
         a = cast_like(np.float64(rstd[n, g]) * w * s1, zero)
         b = cast_like(bb * s1 + t, zero)
         if act == NONE:

@@ -69,14 +69,28 @@ def pixels_view(x: torch.Tensor) -> np.ndarray:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def param(t, acc: torch.dtype) -> np.ndarray:
-    """weight/bias (C,) or scale/shift (N, C) as a flat array in the accumulation dtype."""
+    """weight/bias (C,) or scale/shift (N, C) as a flat array: the accumulation dtype's
+    values, or a half type's raw bits (the kernels read them through ``elements.load``; a
+    ``.to(float32)`` per parameter per call was ~15 us of the small shapes' glue)."""
     if t is None:
         return _EMPTY[acc]
-    if t.dtype != acc:
+    if t.dtype != acc and t.dtype not in _HALF:
         t = t.to(acc)
-    a = t.numpy(force=True) if t.is_contiguous() else t.contiguous().numpy(force=True)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    a = as_numpy(t)
     return a if a.ndim == 1 else a.reshape(-1)
+
+
+def _param_grad(t, c: int):
+    """(tensor, numpy view) for dweight / dbias in the parameter's own dtype (half types as
+    bits: the compiled sums round into them, no conversion afterwards)."""
+    grad = alloc.empty((c,), t.dtype)
+    return grad, as_numpy(grad)
 
 
 def stat(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
@@ -211,8 +225,6 @@ def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
         from ...grad_terms import param_grads
 
         return (dx,) + tuple(param_grads(s1, s0, weight, bias, scale, shift))
-    dw = None if weight is None else (dw if dw.dtype == weight.dtype else dw.to(weight.dtype))
-    db = None if bias is None else (db if db.dtype == bias.dtype else db.to(bias.dtype))
     return dx, dw, db, None, None
 
 
@@ -227,9 +239,9 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     dw = db = None
     dw_np = db_np = _EMPTY[acc]
     if param_sums and weight is not None:
-        dw, dw_np = alloc.empty_pair((c,), acc)
+        dw, dw_np = _param_grad(weight, c)
     if param_sums and bias is not None:
-        db, db_np = alloc.empty_pair((c,), acc)
+        db, db_np = _param_grad(bias, c)
     w, b = param(weight, acc), param(bias, acc)
     s = t = _EMPTY[acc]
     if scale is not None or shift is not None:
