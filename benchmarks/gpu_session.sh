@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One prepared device check for a session that is lent a GPU (device tool, ~9 minutes):
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=560)
-# Writes six logs under $OUT (default ./gpu-out; the device tool returns at most 8 files).
-# Stages are time-boxed so a slow stage cannot eat the rest of the lease; every benchmark
-# prints its rows as it goes, so a stage cut off still leaves what it measured.
+# Prepared device checks for a session that is lent a GPU (the device tool; 15 minutes of
+# device time in all, so each mode is time-boxed and every benchmark prints rows as it goes):
+#   run(command="bash benchmarks/gpu_session.sh full",  timeout_s=560)  ~8 min: CUDA tests,
+#       >2^31 test, main job, float16 suite with the torch.compile peer, bf16/f32 rows, fused rows
+#   run(command="bash benchmarks/gpu_session.sh tune",  timeout_s=300)  ~4 min: host-time
+#       profile, launch-plan variants (tune_gpu.py), CUDA tests
+#   run(command="bash benchmarks/gpu_session.sh check", timeout_s=290)  ~3 min after a change:
+#       CUDA tests, main job correctness, host profile, float16 suite without compile
+# Logs go under $OUT (default ./gpu-out; the device tool returns at most 8 files).
 set -u
+MODE=${1:-full}
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -13,26 +18,47 @@ export PYTHONUNBUFFERED=1
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u
   git rev-parse --short HEAD 2>/dev/null
-  pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 2
+  pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 1
 } > "$OUT/setup.txt" 2>&1
-# 1. Triton kernels + toolchain on CUDA tensors (real kernels, CUDA graphs, opcheck, autocast),
-#    then the >2^31-element test on the GPU.
-{
-  timeout 120 python -m pytest -q --maxfail=20 tests/test_triton_backend.py tests/test_toolchain.py
-  echo "rc=$?"
-  timeout 45 python -m pytest -q -m slow tests/test_large.py -k cuda
-  echo "rc=$?"
-} > "$OUT/tests_cuda.txt" 2>&1
-# 2. The main job: correctness through the public API on CUDA, then the quick benchmark.
-timeout 70 python -m groupnorm --quick > "$OUT/main_job.txt" 2>&1; echo "rc=$?" >> "$OUT/main_job.txt"
-# 3. The suite benchmark, float16, vs torch eager / torch.compile / copy bandwidth.
-timeout 160 python benchmarks/benchmark_gpu.py --out /tmp/gpu_suite_f16 > "$OUT/bench_suite_f16.txt" 2>&1
-echo "rc=$?" >> "$OUT/bench_suite_f16.txt"
-# 4. bfloat16 and float32 on a few shapes (no compile peer: its compiles take the time).
-timeout 50 python benchmarks/benchmark_gpu.py --quick --no-compile --dtypes bfloat16,float32 \
-  --out /tmp/gpu_quick > "$OUT/bench_bf16_f32.txt" 2>&1
-echo "rc=$?" >> "$OUT/bench_bf16_f32.txt"
-# 5. Fused epilogues on the GPU (ours one pass vs F.group_norm + separate ops).
-timeout 45 python benchmarks/benchmark_fused.py --device cuda --no-compile --cases "b8 320x64x64" > "$OUT/fused.txt" 2>&1
-echo "rc=$?" >> "$OUT/fused.txt"
-tail -n 4 "$OUT"/*.txt
+
+cuda_tests() {  # $1: seconds; the CPU-only opcheck cases are left to CI
+  { timeout "$1" python -m pytest -q --durations=8 tests/test_toolchain.py tests/test_triton_backend.py \
+      -k "cuda or not cpu"; echo "rc=$?"; } > "$OUT/tests_cuda.txt" 2>&1
+}
+
+host_profile() {
+  { timeout 20 python benchmarks/profile_host.py --shape 1x320x64x64 --top 15
+    timeout 15 python benchmarks/profile_host.py --shape 8x1280x8x8 --top 1; } > "$OUT/profile.txt" 2>&1
+}
+
+suite() {  # $1: seconds, then extra benchmark_gpu.py options
+  local seconds=$1; shift
+  timeout "$seconds" python benchmarks/benchmark_gpu.py --out /tmp/gpu_suite "$@" > "$OUT/bench_suite.txt" 2>&1
+  echo "rc=$?" >> "$OUT/bench_suite.txt"
+}
+
+case "$MODE" in
+  full)
+    cuda_tests 120
+    { timeout 45 python -m pytest -q -m slow tests/test_large.py -k cuda; echo "rc=$?"; } >> "$OUT/tests_cuda.txt" 2>&1
+    timeout 70 python -m groupnorm --quick > "$OUT/main_job.txt" 2>&1; echo "rc=$?" >> "$OUT/main_job.txt"
+    suite 160
+    timeout 50 python benchmarks/benchmark_gpu.py --quick --no-compile --dtypes bfloat16,float32 \
+      --out /tmp/gpu_quick > "$OUT/bench_bf16_f32.txt" 2>&1; echo "rc=$?" >> "$OUT/bench_bf16_f32.txt"
+    timeout 45 python benchmarks/benchmark_fused.py --device cuda --no-compile --cases "b8 320x64x64" \
+      > "$OUT/fused.txt" 2>&1; echo "rc=$?" >> "$OUT/fused.txt"
+    ;;
+  tune)
+    host_profile
+    timeout 95 python benchmarks/tune_gpu.py --budget-s 85 > "$OUT/tune.txt" 2>&1; echo "rc=$?" >> "$OUT/tune.txt"
+    cuda_tests 125
+    ;;
+  check)
+    cuda_tests 90
+    timeout 55 python -m groupnorm --quick --no-bench > "$OUT/main_job.txt" 2>&1; echo "rc=$?" >> "$OUT/main_job.txt"
+    host_profile
+    suite 85 --no-compile
+    ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh [full|tune|check]" >&2; exit 2 ;;
+esac
+tail -n 3 "$OUT"/*.txt
