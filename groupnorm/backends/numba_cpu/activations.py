@@ -150,9 +150,10 @@ def silu_grad_f32(buf, count):
         buf[j] = sg * (_ONE + z * one_minus)
 
 
-# Limits at +-inf: a product z * f(z) with f -> 0 is NaN at z = -inf, so the factor z is
-# clamped to a finite value where f is already exactly 0 (erf clamped to -1, exp flushed).
-# Inside the derivatives z is clamped both ways, which also keeps z**3 finite.
+# Limits at +-inf, as torch: the forward z * f(z) is +inf at +inf and NaN at -inf (f -> 0
+# exactly: erf clamped to -1, exp flushed; -inf * 0), -0 for very negative finite z.
+# Inside the derivatives z is clamped both ways, which also keeps z**3 finite; the
+# derivative is then made NaN at +-inf, where torch's formulas give inf * 0.
 _Z_CAP = np.float32(1.0e4)
 
 # GELU forward: Phi(z) = 0.5 * (1 + erf(z / sqrt2)) with erf(x) = x P(x^2) / Q(x^2), a [5/5]
@@ -179,12 +180,22 @@ def erf_f32(x):
     return min(max(x * p / q, -_ONE), _ONE)
 
 
+_F32_MAX = np.float32(np.finfo(np.float32).max)
+_NAN = np.float32(np.nan)
+
+
+@njit(**VEC)
+def finite_or_nan(z, g):
+    """g where z is finite, NaN where z is +-inf or NaN (a select: the loops stay vector)."""
+    return g if abs(z) <= _F32_MAX else _NAN
+
+
 @njit(**VEC)
 def gelu_f32(buf, count):
     """buf[:count] = z * Phi(z)."""
     for j in range(count):
         z = buf[j]
-        buf[j] = max(z, -_Z_CAP) * (_HALF + _HALF * erf_f32(z * _INV_SQRT2_F))
+        buf[j] = z * (_HALF + _HALF * erf_f32(z * _INV_SQRT2_F))
 
 
 # GELU gradient: Phi(z) + z phi(z) needs exp(-z^2/2) for phi anyway, so Phi takes the
@@ -217,9 +228,10 @@ def gelu_cdf_f32(z):
 def gelu_grad_f32(buf, count):
     """buf[:count] = Phi(z) + z * phi(z)."""
     for j in range(count):
-        z = min(max(buf[j], -_Z_CAP), _Z_CAP)
+        raw = buf[j]
+        z = min(max(raw, -_Z_CAP), _Z_CAP)
         cdf, e = gelu_cdf_f32(z)
-        buf[j] = cdf + z * e * _INV_SQRT_2PI_F
+        buf[j] = finite_or_nan(raw, cdf + z * e * _INV_SQRT_2PI_F)
 
 
 # GELU-tanh: 0.5 * (1 + tanh(u)) = sigmoid(2u) = E / (1 + E) with E = exp(2u), so
@@ -238,19 +250,20 @@ def gelu_tanh_f32(buf, count):
     for j in range(count):
         z = buf[j]
         e = exp_f32(z * (_TWO_C1 + _TWO_C3 * z * z))
-        buf[j] = max(z, -_Z_CAP) * (e / (_ONE + e))
+        buf[j] = z * (e / (_ONE + e))
 
 
 @njit(**VEC)
 def gelu_tanh_grad_f32(buf, count):
     """buf[:count] = s + 2 z s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 z^2), s = sigmoid(2u)."""
     for j in range(count):
-        z = min(max(buf[j], -_Z_CAP), _Z_CAP)
+        raw = buf[j]
+        z = min(max(raw, -_Z_CAP), _Z_CAP)
         z2 = z * z
         e = exp_f32(z * (_TWO_C1 + _TWO_C3 * z2))
         d = _ONE + e
         s = e / d
-        buf[j] = s + _TWO * z * (s * (_ONE / d)) * _C1 * (_ONE + _THREE_C * z2)
+        buf[j] = finite_or_nan(raw, s + _TWO * z * (s * (_ONE / d)) * _C1 * (_ONE + _THREE_C * z2))
 
 
 # Mish: with e = exp(z) and n = e (e + 2), tanh(log1p(e)) = n / (n + 2): no log, and no
@@ -269,19 +282,20 @@ def mish_f32(buf, count):
         z = buf[j]
         e = exp_f32(min(max(z, -_Z_CAP), _SOFTPLUS_HI))
         n = e * (e + _TWO)
-        buf[j] = max(z, -_Z_CAP) * (n / (n + _TWO))
+        buf[j] = z * (n / (n + _TWO))
 
 
 @njit(**VEC)
 def mish_grad_f32(buf, count):
     """buf[:count] = d mish / dz."""
     for j in range(count):
-        z = min(max(buf[j], -_Z_CAP), _SOFTPLUS_HI)   # above 20 the second term is < 1e-15
+        raw = buf[j]
+        z = min(max(raw, -_Z_CAP), _SOFTPLUS_HI)   # above 20 the second term is < 1e-15
         e = exp_f32(z)
         n = e * (e + _TWO)
         d = n + _TWO
         w = _ONE / d
-        buf[j] = n / d + _FOUR * z * (e * w) * ((_ONE + e) * w)
+        buf[j] = finite_or_nan(raw, n / d + _FOUR * z * (e * w) * ((_ONE + e) * w))
 
 
 @njit(cache=True)
