@@ -83,6 +83,18 @@ def apply_rows(x, y, mean_c, a, b, act):
 
 
 @njit(**JIT)
+def stage_z1(xn, r0, rows, mc, an, bn, buf):
+    """buf[j * C + c] = z1 = (x - mean) * A + B of pixel r0 + j, channel c, for an
+    activation block. The forward's apply and both channels-last backward passes stage
+    through this one definition (flags stated here, so every caller rounds z1 alike)."""
+    channels = xn.shape[1]
+    for j in range(rows):
+        base = j * channels
+        for c in range(channels):
+            buf[base + c] = (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c]
+
+
+@njit(**JIT)
 def apply_pixels(xn, yn, lo, hi, mc, an, bn, act, buf):
     """Pixels lo..hi-1 of one channels-last sample xn, yn (HW, C) with its coefficient
     rows mc, an, bn (C,); buf: scratch of at least C values (activations only).
@@ -100,10 +112,7 @@ def apply_pixels(xn, yn, lo, hi, mc, an, bn, act, buf):
     per = max(1, buf.shape[0] // channels)
     for r0 in range(lo, hi, per):
         rows = min(per, hi - r0)
-        for j in range(rows):
-            base = j * channels
-            for c in range(channels):
-                buf[base + c] = (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c]
+        stage_z1(xn, r0, rows, mc, an, bn, buf)
         activate_block(buf, rows * channels, act)
         for j in range(rows):
             base = j * channels

@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import NONE, grad_block
+from .apply_kernels import stage_z1
 from .elements import cast_like, load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
 
@@ -154,10 +155,7 @@ def reduce_pixels(dyn, xn, lo, hi, mc, an, bn, act, acc_xc, acc_dz, buf, zero):
     per = max(1, buf.shape[0] // channels)
     for r0 in range(lo, hi, per):
         rows = min(per, hi - r0)
-        for j in range(rows):
-            base = j * channels
-            for c in range(channels):
-                buf[base + c] = (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c]
+        stage_z1(xn, r0, rows, mc, an, bn, buf)
         grad_block(buf, rows * channels, act)
         for j in range(rows):
             base = j * channels
@@ -289,10 +287,7 @@ def dx_pixels(dyn, xn, dxn, lo, hi, mc, an, bn, pn, qn, act, buf):
     per = max(1, buf.shape[0] // channels)
     for r0 in range(lo, hi, per):
         rows = min(per, hi - r0)
-        for j in range(rows):
-            base = j * channels
-            for c in range(channels):
-                buf[base + c] = (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c]
+        stage_z1(xn, r0, rows, mc, an, bn, buf)
         grad_block(buf, rows * channels, act)
         for j in range(rows):
             base = j * channels
