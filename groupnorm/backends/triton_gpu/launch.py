@@ -83,9 +83,13 @@ def _params(x: Tensor, weight, bias, scale, shift):
     return [x if t is None else t for t in ts], flags
 
 
-def _stats_partials(x: Tensor, lay: Layout):
+def _split_plan(x: Tensor, lay: Layout):
+    return plan.split_plan(lay.group_size, lay.rows, num_sms(x.device), lay.channels_last)
+
+
+def _stats_partials(x: Tensor, lay: Layout, p=None):
     """Stage 1 of the split statistics -> ((4, N * G, split) partials in ACC, split)."""
-    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device), lay.channels_last)
+    p = p or _split_plan(x, lay)
     # Partials are internal scratch: never poisoned, fully written by stage 1.
     parts = torch.empty((4, lay.rows, p.split), dtype=acc_dtype(x.dtype), device=x.device)
     stats_partial_kernel[(lay.rows, p.split)](
@@ -109,12 +113,12 @@ def stats(x: Tensor, num_groups: int) -> Tuple[Tensor, Tensor]:
 
 
 def _apply(x, lay: Layout, mean, rstd, weight, bias, scale, shift, activation: str, eps: float = 0.0,
-           parts=None, split_s: int = 1) -> Tensor:
+           parts=None, split_s: int = 1, p=None) -> Tensor:
     """y from given statistics, or (``parts``) from stage-1 partials merged in the same
     launch, which then also writes ``mean`` and ``rstd``."""
     y = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
-    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device), lay.channels_last)
+    p = p or _split_plan(x, lay)
     merge = parts is not None
     pp = (parts[0], parts[1], parts[2], parts[3]) if merge else (mean, mean, mean, mean)
     apply_kernel[(lay.rows, p.split)](
@@ -138,8 +142,9 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activati
     rstd = empty((lay.n, lay.g), acc, x.device)
     if not plan.use_fused(lay.group_size):
         # Two launches: partial statistics, then apply (which merges them and writes mean/rstd).
-        parts, split = _stats_partials(x, lay)
-        y = _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation, eps, parts, split)
+        p = _split_plan(x, lay)   # the same plan for both launches
+        parts, split = _stats_partials(x, lay, p)
+        y = _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation, eps, parts, split, p)
         return y, mean, rstd
     y = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
@@ -212,23 +217,26 @@ def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: in
         p1, p0, ptrs[0], ptrs[1], ptrs[2], sdx, sdxx, *outs, lay.n, lay.c, lay.g, split,
         CPG=lay.cpg, BLOCK_CPG=block_cpg, **flags, ACC=_acc_tl(x.dtype),
         num_warps=max(1, min(8, block_cpg // 256)))
-    dx = None
-    if need_dx:
-        dx = backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sdx, sdxx,
-                         lay.group_size, num_groups, activation)
+    dx = _dx(dy, x, lay, mean, rstd, ptrs, flags, sdx, sdxx, lay.group_size, activation) if need_dx else None
     return (dx, *grads)
 
 
 def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat,
                 count: int, num_groups: int, activation: str) -> Tensor:
     lay = Layout(x, num_groups)
-    dy = _same_layout(dy, lay)
-    dx = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
-    p = plan.split_plan(lay.group_size, lay.rows, num_sms(x.device), lay.channels_last)
+    return _dx(_same_layout(dy, lay), x, lay, mean.contiguous(), rstd.contiguous(), ptrs, flags,
+               sum_dxhat.contiguous(), sum_dxhat_xhat.contiguous(), count, activation)
+
+
+def _dx(dy, x, lay: Layout, mean, rstd, ptrs, flags, sum_dxhat, sum_dxhat_xhat, count: int,
+        activation: str) -> Tensor:
+    """The dx launch on prepared arguments (backward_grads reuses its layout and pointers:
+    each torch call on the host costs microseconds)."""
+    dx = empty_like(x)
+    p = _split_plan(x, lay)
     dx_kernel[(lay.rows, p.split)](
-        dy, x, dx, mean.contiguous(), rstd.contiguous(), *ptrs,
-        sum_dxhat.contiguous(), sum_dxhat_xhat.contiguous(), int(count),
+        dy, x, dx, mean, rstd, *ptrs, sum_dxhat, sum_dxhat_xhat, int(count),
         lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk,
         CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, **flags,
         ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype), BLOCK=p.block,
