@@ -332,3 +332,24 @@ def test_cuda_graph_capture(monkeypatch, path):
     torch.cuda.synchronize()
     for a, c in zip(eager, captured):
         assert torch.equal(a, c)
+
+
+def test_plan_arithmetic_matches_triton():
+    """plan.cdiv / next_power_of_2 are plain Python (triton's are JIT functions, slow on
+    the host) and must agree with triton's for every size a plan meets."""
+    import triton
+
+    for n in list(range(0, 70)) + [1023, 1024, 1025, 2 ** 20 + 3, 2 ** 31 + 5]:
+        assert plan.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 32, 1024):
+            assert plan.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def test_split_plan_programs_per_sm_by_layout():
+    """NCHW split passes aim at WAVES_PER_SM_NCHW programs per SM, channels-last at
+    WAVES_PER_SM (measured on an H100: more programs helped NCHW, hurt channels-last)."""
+    size = 10 * 512 * 512
+    nchw = plan.split_plan(size, 32, 132)
+    cl = plan.split_plan(size, 32, 132, channels_last=True)
+    assert 32 * nchw.split >= 132 * plan.WAVES_PER_SM_NCHW
+    assert 132 * plan.WAVES_PER_SM <= 32 * cl.split < 32 * nchw.split

@@ -60,8 +60,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1); plain Python, like ``cdiv``."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+    """Smallest power of two >= n, 0 for 0 (as ``triton.next_power_of_2``); plain Python,
+    like ``cdiv``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def _warps(elements: int) -> int:
