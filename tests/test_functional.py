@@ -106,3 +106,20 @@ def test_outputs_are_fresh_every_call():
     y1 = groupnorm.group_norm(x, 3)
     y2 = groupnorm.group_norm(x, 3)
     assert y1.data_ptr() != y2.data_ptr() and torch.equal(y1, y2)
+
+
+def test_is_channels_last_agrees_with_the_movedim_view():
+    """The cheap check (memory_format for 4-D / 5-D) must say exactly what the kernels rely
+    on, movedim(1, -1).is_contiguous(), also where size-1 dims make strides ambiguous."""
+    from groupnorm.functional import is_channels_last
+
+    shapes = [(2, 6, 5, 7), (1, 6, 5, 7), (2, 1, 5, 7), (2, 6, 1, 7), (2, 6, 5, 1), (1, 1, 1, 1),
+              (2, 6, 3, 4, 5), (1, 6, 1, 4, 1), (2, 6, 7), (3, 6)]
+    for shape in shapes:
+        base = torch.randn(shape)
+        candidates = [base, base.movedim(1, -1).contiguous().movedim(-1, 1), base.transpose(-1, -2),
+                      base[..., ::2] if base.shape[-1] > 1 else base]
+        if base.dim() == 4:
+            candidates.append(base.contiguous(memory_format=torch.channels_last))
+        for t in candidates:
+            assert is_channels_last(t) == t.movedim(1, -1).is_contiguous(), (shape, t.stride())
