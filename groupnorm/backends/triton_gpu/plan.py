@@ -17,11 +17,11 @@ LOOP_BLOCK = 1024
 SPLIT_MIN_CHUNK = 4096
 # Most programs one group's (or one channel block's) reduction is split into.
 MAX_SPLIT = 256
-# Programs per SM to aim for, so small N * G still fills the GPU. The split passes over an
-# NCHW group read one contiguous run and want more programs in flight; over a channels-last
-# group each program reads CPG of every C values, and more programs were slower. Measured on
-# an H100 (2026-11-26, benchmarks/tune_gpu.py, float16): NCHW forward 23-42% faster at 8
-# than at 4 on (1,256,1024,1024), (8,512,128,128), (1,128,512,512); channels-last 15% slower.
+# Programs per SM to aim for, so small N * G still fills the GPU. Measured on an H100
+# (2026-11-26, benchmarks/tune_gpu.py, float16 forward, 8 against 4): NCHW split passes
+# took 23-42% less time on (1,256,1024,1024), (8,512,128,128), (1,128,512,512), so NCHW
+# uses 8. Channels-last was mixed (18% more time on the largest, the most GPU-bound shape,
+# 29-32% less on the other two), so it stays at 4 until a cleaner measurement.
 WAVES_PER_SM = 4
 WAVES_PER_SM_NCHW = 8
 # SM count assumed for CPU tensors (the Triton interpreter): small, keeps tests fast.
