@@ -300,59 +300,40 @@ def mish_grad_f32(buf, count):
 
 @njit(cache=True)
 def activate_block(buf, count, act):
-    """buf[:count] = act(buf[:count]); one branch per block keeps the loops tight."""
+    """buf[:count] = act(buf[:count]); one branch per block keeps the loops tight. float32
+    staging takes the vectorised loops; float64 keeps the scalar libm ``activate``."""
     if act == RELU:
         for j in range(count):
             v = buf[j]
             buf[j] = v if not v <= 0 else 0.0
-    elif act == SILU and buf.itemsize == 4:   # float32 staging: vectorised sigmoid
+    elif buf.itemsize == 4 and act == SILU:
         silu_f32(buf, count)
-    elif act == SILU:
-        for j in range(count):
-            buf[j] = activate(buf[j], SILU)
     elif buf.itemsize == 4 and act == GELU:
         gelu_f32(buf, count)
     elif buf.itemsize == 4 and act == GELU_TANH:
         gelu_tanh_f32(buf, count)
     elif buf.itemsize == 4 and act == MISH:
         mish_f32(buf, count)
-    elif act == GELU:
+    else:
         for j in range(count):
-            buf[j] = activate(buf[j], GELU)
-    elif act == GELU_TANH:
-        for j in range(count):
-            buf[j] = activate(buf[j], GELU_TANH)
-    elif act == MISH:
-        for j in range(count):
-            buf[j] = activate(buf[j], MISH)
+            buf[j] = activate(buf[j], act)
 
 
 @njit(cache=True)
 def grad_block(buf, count, act):
-    """buf[:count] = act'(buf[:count]) (buf holds z1 on entry)."""
+    """buf[:count] = act'(buf[:count]) (buf holds z1 on entry); loops chosen as in
+    activate_block."""
     if act == RELU:
         for j in range(count):
             buf[j] = 1.0 if buf[j] > 0 else 0.0
-    elif act == SILU and buf.itemsize == 4:
+    elif buf.itemsize == 4 and act == SILU:
         silu_grad_f32(buf, count)
-    elif act == SILU:
-        for j in range(count):
-            buf[j] = activate_grad(buf[j], SILU)
     elif buf.itemsize == 4 and act == GELU:
         gelu_grad_f32(buf, count)
     elif buf.itemsize == 4 and act == GELU_TANH:
         gelu_tanh_grad_f32(buf, count)
     elif buf.itemsize == 4 and act == MISH:
         mish_grad_f32(buf, count)
-    elif act == GELU:
-        for j in range(count):
-            buf[j] = activate_grad(buf[j], GELU)
-    elif act == GELU_TANH:
-        for j in range(count):
-            buf[j] = activate_grad(buf[j], GELU_TANH)
-    elif act == MISH:
-        for j in range(count):
-            buf[j] = activate_grad(buf[j], MISH)
     else:
         for j in range(count):
-            buf[j] = 1.0
+            buf[j] = activate_grad(buf[j], act)

@@ -87,9 +87,8 @@ def _split_plan(x: Tensor, lay: Layout):
     return plan.split_plan(lay.group_size, lay.rows, num_sms(x.device), lay.channels_last)
 
 
-def _stats_partials(x: Tensor, lay: Layout, p=None):
-    """Stage 1 of the split statistics -> ((4, N * G, split) partials in ACC, split)."""
-    p = p or _split_plan(x, lay)
+def _stats_partials(x: Tensor, lay: Layout, p) -> Tensor:
+    """Stage 1 of the split statistics under plan p -> (4, N * G, p.split) partials in ACC."""
     # Partials are internal scratch: never poisoned, fully written by stage 1.
     parts = torch.empty((4, lay.rows, p.split), dtype=acc_dtype(x.dtype), device=x.device)
     stats_partial_kernel[(lay.rows, p.split)](
@@ -97,29 +96,31 @@ def _stats_partials(x: Tensor, lay: Layout, p=None):
         lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, p.chunk, p.split,
         CPG=lay.cpg, CHANNELS_LAST=lay.channels_last, ACC=_acc_tl(x.dtype), BLOCK=p.block,
         num_warps=p.num_warps)
-    return parts, p.split
+    return parts
 
 
 def stats(x: Tensor, num_groups: int) -> Tuple[Tensor, Tensor]:
     lay = Layout(x, num_groups)
-    parts, split = _stats_partials(x, lay)
+    p = _split_plan(x, lay)
+    parts = _stats_partials(x, lay, p)
     acc = acc_dtype(x.dtype)
     mean = empty((lay.n, lay.g), acc, x.device)
     m2 = empty((lay.n, lay.g), acc, x.device)
     stats_combine_kernel[(lay.rows,)](
-        parts[0], parts[1], parts[2], parts[3], mean, m2, mean, split, 0.0,
-        WRITE_M2=True, WRITE_RSTD=False, BLOCK_S=plan.next_power_of_2(split), num_warps=1)
+        parts[0], parts[1], parts[2], parts[3], mean, m2, mean, p.split, 0.0,
+        WRITE_M2=True, WRITE_RSTD=False, BLOCK_S=plan.next_power_of_2(p.split), num_warps=1)
     return mean, m2
 
 
 def _apply(x, lay: Layout, mean, rstd, weight, bias, scale, shift, activation: str, eps: float = 0.0,
-           parts=None, split_s: int = 1, p=None) -> Tensor:
-    """y from given statistics, or (``parts``) from stage-1 partials merged in the same
-    launch, which then also writes ``mean`` and ``rstd``."""
+           parts=None, p=None) -> Tensor:
+    """y from given statistics, or (``parts``, made under the same plan p) from stage-1
+    partials merged in the same launch, which then also writes ``mean`` and ``rstd``."""
     y = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
     p = p or _split_plan(x, lay)
     merge = parts is not None
+    split_s = p.split if merge else 1
     pp = (parts[0], parts[1], parts[2], parts[3]) if merge else (mean, mean, mean, mean)
     apply_kernel[(lay.rows, p.split)](
         x, y, mean, rstd, *ptrs, *pp,
@@ -143,8 +144,8 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activati
     if not plan.use_fused(lay.group_size):
         # Two launches: partial statistics, then apply (which merges them and writes mean/rstd).
         p = _split_plan(x, lay)   # the same plan for both launches
-        parts, split = _stats_partials(x, lay, p)
-        y = _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation, eps, parts, split, p)
+        parts = _stats_partials(x, lay, p)
+        y = _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation, eps, parts, p)
         return y, mean, rstd
     y = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
@@ -158,10 +159,13 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activati
     return y, mean, rstd
 
 
-def _reduce_partials(dy, x, lay: Layout, mean, rstd, ptrs, flags, activation: str, alloc):
-    """Stage 1 of the per-(n, c) sums -> (p1, p0) as (N, split, C) in ACC, and split."""
+def _reduce_plan(x: Tensor, lay: Layout):
+    return plan.reduce_plan(lay.n, lay.c, lay.hw, lay.channels_last, num_sms(x.device))
+
+
+def _reduce_partials(dy, x, lay: Layout, mean, rstd, ptrs, flags, activation: str, p, alloc):
+    """Stage 1 of the per-(n, c) sums under plan p -> (p1, p0), each (N, p.split, C) in ACC."""
     acc = acc_dtype(x.dtype)
-    p = plan.reduce_plan(lay.n, lay.c, lay.hw, lay.channels_last, num_sms(x.device))
     p1 = alloc((lay.n, p.split, lay.c), acc, x.device)
     p0 = alloc((lay.n, p.split, lay.c), acc, x.device)
     reduce_partial_kernel[(lay.n, plan.cdiv(lay.c, p.block_c), p.split)](
@@ -169,7 +173,7 @@ def _reduce_partials(dy, x, lay: Layout, mean, rstd, ptrs, flags, activation: st
         lay.c, lay.hw, lay.g, lay.stride_n, lay.stride_c, lay.stride_hw, p.chunk_hw, p.split,
         CPG=lay.cpg, **flags, ACTIVATION=ACTIVATION_CODES[activation], ACC=_acc_tl(x.dtype),
         BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=p.num_warps)
-    return p1, p0, p.split
+    return p1, p0
 
 
 def _scratch(shape, dtype, device):
@@ -181,17 +185,17 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: i
     dy = _same_layout(dy, lay)
     ptrs, flags = _params(x, weight, bias, scale, shift)
     # With one split the partials are the result (no second launch); else they are scratch.
-    p = plan.reduce_plan(lay.n, lay.c, lay.hw, lay.channels_last, num_sms(x.device))
-    p1, p0, split = _reduce_partials(dy, x, lay, mean.contiguous(), rstd.contiguous(), ptrs, flags,
-                                     activation, empty if p.split == 1 else _scratch)
-    if split == 1:
+    p = _reduce_plan(x, lay)
+    p1, p0 = _reduce_partials(dy, x, lay, mean.contiguous(), rstd.contiguous(), ptrs, flags,
+                              activation, p, empty if p.split == 1 else _scratch)
+    if p.split == 1:
         return p1.view(lay.n, lay.c), p0.view(lay.n, lay.c)
     acc = acc_dtype(x.dtype)
     s1 = empty((lay.n, lay.c), acc, x.device)
     s0 = empty((lay.n, lay.c), acc, x.device)
     block = min(1024, plan.next_power_of_2(lay.c))
     reduce_combine_kernel[(lay.n, plan.cdiv(lay.c, block))](
-        p1, p0, s1, s0, lay.c, split, ACC=_acc_tl(x.dtype), BLOCK=block,
+        p1, p0, s1, s0, lay.c, p.split, ACC=_acc_tl(x.dtype), BLOCK=block,
         num_warps=max(1, min(8, block // 128)))
     return s1, s0
 
@@ -206,7 +210,8 @@ def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: in
     dy = _same_layout(dy, lay)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     ptrs, flags = _params(x, weight, bias, scale, shift)
-    p1, p0, split = _reduce_partials(dy, x, lay, mean, rstd, ptrs, flags, activation, _scratch)
+    p = _reduce_plan(x, lay)
+    p1, p0 = _reduce_partials(dy, x, lay, mean, rstd, ptrs, flags, activation, p, _scratch)
     acc = acc_dtype(x.dtype)
     sdx = _scratch((lay.n, lay.g), acc, x.device)
     sdxx = _scratch((lay.n, lay.g), acc, x.device)
@@ -214,7 +219,7 @@ def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: in
     outs = [x if t is None else t for t in grads]
     block_cpg = plan.next_power_of_2(lay.cpg)
     finish_kernel[(lay.g,)](
-        p1, p0, ptrs[0], ptrs[1], ptrs[2], sdx, sdxx, *outs, lay.n, lay.c, lay.g, split,
+        p1, p0, ptrs[0], ptrs[1], ptrs[2], sdx, sdxx, *outs, lay.n, lay.c, lay.g, p.split,
         CPG=lay.cpg, BLOCK_CPG=block_cpg, **flags, ACC=_acc_tl(x.dtype),
         num_warps=max(1, min(8, block_cpg // 256)))
     dx = _dx(dy, x, lay, mean, rstd, ptrs, flags, sdx, sdxx, lay.group_size, activation) if need_dx else None

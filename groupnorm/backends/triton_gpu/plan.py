@@ -54,7 +54,7 @@ class ReducePlan:
 
 
 def cdiv(a: int, b: int) -> int:
-    """Ceiling division in plain Python (``cdiv`` is a JIT function: ~7 us a call
+    """Ceiling division in plain Python (``triton.cdiv`` is a JIT function: ~7 us a call
     from the host, paid dozens of times per forward + backward)."""
     return -(-a // b)
 
