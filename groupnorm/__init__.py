@@ -5,6 +5,7 @@ Public API (imports point one way: this file -> modules/functional -> ops -> bac
   GroupNormAct, AdaGroupNorm            fused activation / per-call scale-shift modules
   convert, revert                       swap torch.nn.GroupNorm in a model, and back
   GroupStats, group_stats, merge_stats  exact statistics across tiles and devices
+  release_cached_memory                 hand the CPU backend's free output buffers back
 """
 import importlib
 
@@ -27,7 +28,19 @@ _LAZY = {
     "merge_stats": "groupnorm.stats",
 }
 
-__all__ = ["GroupNorm", "group_norm", "ACTIVATIONS", "convert", "revert", "__version__", *_LAZY]
+__all__ = ["GroupNorm", "group_norm", "ACTIVATIONS", "convert", "revert", "release_cached_memory",
+           "__version__", *_LAZY]
+
+
+def release_cached_memory() -> int:
+    """Give the memory of freed outputs that the CPU backend keeps for reuse back to the
+    system (like ``torch.cuda.empty_cache``) -> bytes released. Outputs still in use are
+    not touched. The pool's size is set by ``GROUPNORM_OUTPUT_POOL_MB`` (0: no pool)."""
+    try:
+        from .backends.numba_cpu import alloc
+    except ImportError:   # no numba: nothing is pooled
+        return 0
+    return alloc.release_cached_memory()
 
 
 def __getattr__(name):

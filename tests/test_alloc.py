@@ -13,6 +13,7 @@ pytest.importorskip("numba")
 import groupnorm  # noqa: E402
 from helpers import assert_oracle_close  # noqa: E402
 from groupnorm.backends.numba_cpu import alloc  # noqa: E402
+from groupnorm.backends.numba_cpu.output_pool import OutputPool  # noqa: E402
 
 # Just over glibc's 32 MiB mmap threshold in float32: (1, 8, 1024, 1040) = 34 MB.
 BIG = (1, 8, 1024, 1040)
@@ -50,16 +51,19 @@ def test_mapping_released_with_the_tensor():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_group_norm_on_huge_page_outputs_matches_torch(monkeypatch, channels_last):
-    """Forward and backward through the huge-page path, outputs NaN-poisoned first."""
+    """Forward and backward through new huge-page buffers (a fresh pool), outputs
+    poisoned first (all-ones bytes: NaN in every float dtype)."""
     made = []
-    real = alloc.huge_page_tensor
+    real = alloc.huge_page_bytes
 
-    def poisoned(nbytes, dtype):
-        t = real(nbytes, dtype).fill_(float("nan"))
+    def poisoned(nbytes):
+        buf = real(nbytes)
+        buf.fill(0xFF)
         made.append(nbytes)
-        return t
+        return buf
 
-    monkeypatch.setattr(alloc, "huge_page_tensor", poisoned)
+    monkeypatch.setattr(alloc, "huge_page_bytes", poisoned)
+    monkeypatch.setattr(alloc, "POOL", OutputPool(1 << 30, new_buffer=alloc._new_pool_buffer))
     g = torch.Generator().manual_seed(3)
     x = (1.5 + torch.randn(BIG, generator=g)).requires_grad_()
     if channels_last:

@@ -23,6 +23,12 @@ STATS_ATOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-5, t
 def poisoned_outputs(monkeypatch):
     """Every output starts NaN-filled, so an element the kernel forgets to write fails."""
     monkeypatch.setattr(alloc, "empty_like", lambda x: torch.full_like(x, float("nan")))
+
+    def nan_output(x, channels_last):
+        t = torch.full_like(x, float("nan"))   # keeps x's memory format
+        return t, alloc.memory_order(t, channels_last)
+
+    monkeypatch.setattr(alloc, "output_like", nan_output)
     monkeypatch.setattr(alloc, "empty", lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
 
     def nan_pair(shape, dtype):

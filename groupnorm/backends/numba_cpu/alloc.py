@@ -3,14 +3,19 @@
 One place so tests can swap in a poisoning allocator (NaN-filled tensors) and catch any
 element a kernel forgets to write.
 
-Why large outputs get their own mapping: glibc serves allocations above its largest mmap
-threshold (32 MiB on 64-bit) with a fresh ``mmap`` every time, so each call to torch's CPU
-allocator for such a tensor takes one page fault per 4 KiB page on first write. On the
-(1, 128, 512, 512) float32 output of an SD VAE decoder that is 32768 faults, about 50 ms:
-most of what ATen's group_norm spends. The same bytes mapped with ``MADV_HUGEPAGE`` fault
-once per 2 MiB (measured 59 -> 12 ms to allocate and fill 134 MB). Nothing is cached: the
-mapping is released when the tensor dies, exactly like torch's own large allocations.
-Set ``GROUPNORM_HUGE_PAGES=0`` to turn it off.
+Full-size outputs (y, dx) of at least ``POOL_MIN_BYTES`` come from ``output_pool``: the
+memory of a freed output of the same size, already mapped and usually still in cache,
+instead of fresh pages from glibc (one page fault per 4 KiB; see output_pool for the
+measured cost). Smaller outputs, and whatever the pool's bounds turn away, are allocated
+as before.
+
+Why new large buffers get their own mapping: glibc serves allocations above its largest
+mmap threshold (32 MiB on 64-bit) with a fresh ``mmap`` every time, so each call to
+torch's CPU allocator for such a tensor takes one page fault per 4 KiB page on first
+write. On the (1, 128, 512, 512) float32 output of an SD VAE decoder that is 32768 faults,
+about 50 ms: most of what ATen's group_norm spends. The same bytes mapped with
+``MADV_HUGEPAGE`` fault once per 2 MiB (measured 59 -> 12 ms to allocate and fill 134 MB).
+Set ``GROUPNORM_HUGE_PAGES=0`` to turn that off, ``GROUPNORM_OUTPUT_POOL_MB=0`` the pool.
 """
 from __future__ import annotations
 
@@ -20,19 +25,76 @@ import os
 import numpy as np
 import torch
 
+from .output_pool import OutputPool, aligned_bytes
+
 # At and above this size glibc always maps fresh pages; below it freed blocks are reused.
 HUGE_PAGE_MIN_BYTES = 32 << 20
 _HUGE_PAGE = 2 << 20
 _HUGE_PAGES_USABLE = (os.environ.get("GROUPNORM_HUGE_PAGES", "1") != "0"
                       and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS"))
+# Outputs from this size on are pooled (smaller ones: the pool costs ~1-4 us more than
+# torch.empty_like per output, which small shapes notice and rarely win back).
+POOL_MIN_BYTES = 1 << 20
+POOL_LIMIT_MB = int(os.environ.get("GROUPNORM_OUTPUT_POOL_MB", "1024"))
+
+
+def _new_pool_buffer(nbytes: int) -> np.ndarray:
+    if nbytes >= HUGE_PAGE_MIN_BYTES and _HUGE_PAGES_USABLE:
+        return huge_page_bytes(nbytes)
+    return aligned_bytes(nbytes)
+
+
+POOL = OutputPool(POOL_LIMIT_MB << 20, new_buffer=_new_pool_buffer)
+
+
+_KERNEL_NUMPY = {torch.float32: np.float32, torch.float64: np.float64,
+                 torch.bfloat16: np.uint16, torch.float16: np.int16}   # half types as bits
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def output_like(x: torch.Tensor, channels_last: bool):
+    """(tensor, flat numpy view of its memory in memory order, half types as bits) with
+    x's shape, dtype and memory format (contiguous, or channels-last when channels_last).
+    The flat view spares the launcher a ``.numpy()`` and a transpose per output."""
+    nbytes = x.numel() * x.element_size()
+    buf = POOL.take(nbytes) if nbytes >= POOL_MIN_BYTES else None
+    if buf is None:
+        y = empty_like(x)
+        return y, memory_order(y, channels_last)
+    shape = tuple(x.shape)
+    flat = buf.view(_KERNEL_NUMPY[x.dtype])
+    if channels_last:
+        order = (0, len(shape) - 1) + tuple(range(1, len(shape) - 1))
+        wrapped = flat.reshape((shape[0],) + shape[2:] + (shape[1],)).transpose(order)
+    else:
+        wrapped = flat.reshape(shape)
+    POOL.lend(wrapped, buf)
+    y = torch.from_numpy(wrapped)
+    return (y.view(x.dtype) if x.dtype in _HALF else y), flat
+
+
+def memory_order(t: torch.Tensor, channels_last: bool) -> np.ndarray:
+    """t's memory as a flat numpy array (half types as bits), without a copy."""
+    a = t.detach().view(torch.int16).numpy() if t.dtype in _HALF else t.detach().numpy()
+    if t.dtype == torch.bfloat16:
+        a = a.view(np.uint16)
+    if channels_last:
+        a = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
+    return a.reshape(-1)
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
-    """Same shape, dtype and memory format as x (x is contiguous or channels-last)."""
+    """Same shape, dtype and memory format as x (x is contiguous or channels-last),
+    outside the pool."""
     nbytes = x.numel() * x.element_size()
     if nbytes >= HUGE_PAGE_MIN_BYTES and _HUGE_PAGES_USABLE:
         return huge_page_tensor(nbytes, x.dtype).as_strided(x.shape, x.stride())
     return torch.empty_like(x)
+
+
+def release_cached_memory() -> int:
+    """Return the pool's free output buffers to the system -> bytes released."""
+    return POOL.release()
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -50,9 +112,10 @@ def empty_pair(shape, dtype: torch.dtype):
     return torch.from_numpy(array), array
 
 
-def huge_page_tensor(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat uninitialised tensor of nbytes on its own 2 MiB-aligned anonymous mapping
-    advised for transparent huge pages (a plain mapping where the kernel declines)."""
+def huge_page_bytes(nbytes: int) -> np.ndarray:
+    """nbytes of uninitialised uint8 on their own 2 MiB-aligned anonymous mapping advised
+    for transparent huge pages (a plain mapping where the kernel declines). The array
+    keeps the mapping alive."""
     mapping = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         mapping.madvise(mmap.MADV_HUGEPAGE)
@@ -60,5 +123,10 @@ def huge_page_tensor(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
         pass  # THP disabled ("never"): still a correct, ordinary mapping
     raw = np.frombuffer(mapping, np.uint8)
     start = (-raw.ctypes.data) % _HUGE_PAGE
-    # The numpy view keeps the mapping alive; the tensor keeps the view alive.
-    return torch.from_numpy(raw[start:start + nbytes]).view(dtype)
+    return raw[start:start + nbytes]
+
+
+def huge_page_tensor(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat uninitialised tensor of nbytes on a huge-page mapping (huge_page_bytes);
+    the tensor keeps the mapping alive."""
+    return torch.from_numpy(huge_page_bytes(nbytes)).view(dtype)

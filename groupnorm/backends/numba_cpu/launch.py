@@ -104,7 +104,8 @@ def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
     shape = x.shape
     n, c = shape[0], shape[1]
     acc = acc_dtype(x.dtype)
-    y = alloc.empty_like(x)
+    channels_last = not x.is_contiguous()
+    y, y_flat = alloc.output_like(x, channels_last)
     mean, mean_np = alloc.empty_pair((n, num_groups), acc)
     rstd, rstd_np = alloc.empty_pair((n, num_groups), acc)
     w, b = param(weight, acc), param(bias, acc)
@@ -113,16 +114,16 @@ def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
         s, t = param(scale, acc), param(shift, acc)
     act = CODES[activation]
     eps = float(eps)
-    if not x.is_contiguous():
-        forward_channels_last(pixels_view(x), pixels_view(y), w, b, s, t, eps, act,
+    if channels_last:
+        forward_channels_last(pixels_view(x), y_flat.reshape(n, -1, c), w, b, s, t, eps, act,
                               _ZERO[acc], mean_np, rstd_np)
     elif n * num_groups >= GROUP_TASKS_MIN:
         rows = n * num_groups
-        forward_groups(as_numpy(x).reshape(rows, -1), as_numpy(y).reshape(rows, -1), x.numel() // (n * c),
+        forward_groups(as_numpy(x).reshape(rows, -1), y_flat.reshape(rows, -1), x.numel() // (n * c),
                        w, b, s, t, eps, act, _ZERO[acc], mean_np, rstd_np)
     else:
         xa = as_numpy(x)
-        forward_rows(xa.reshape(n * num_groups, -1), xa.reshape(n * c, -1), as_numpy(y).reshape(n * c, -1),
+        forward_rows(xa.reshape(n * num_groups, -1), xa.reshape(n * c, -1), y_flat.reshape(n * c, -1),
                      w, b, s, t, eps, act, _ZERO[acc], mean_np, rstd_np)
     return y, mean, rstd
 
@@ -149,13 +150,14 @@ def _coefs(x, mean, rstd, weight, bias, scale, shift):
 def apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
     sync_with_torch(x.numel())
     n, c = x.shape[0], x.shape[1]
-    y = alloc.empty_like(x)
+    channels_last = is_channels_last(x)
+    y, y_flat = alloc.output_like(x, channels_last)
     mean_c, _, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
     act = CODES[activation]
-    if is_channels_last(x):
-        apply_channels_last(pixels_view(x), pixels_view(y), mean_c, a, b, act)
+    if channels_last:
+        apply_channels_last(pixels_view(x), y_flat.reshape(n, -1, c), mean_c, a, b, act)
     else:
-        apply_rows(rows_view(x, n * c), rows_view(y, n * c), mean_c.reshape(-1), a.reshape(-1),
+        apply_rows(rows_view(x, n * c), y_flat.reshape(n * c, -1), mean_c.reshape(-1), a.reshape(-1),
                    b.reshape(-1), act)
     return y
 
@@ -185,16 +187,16 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
     sync_with_torch(x.numel())
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
-    dx = alloc.empty_like(x)
+    channels_last = is_channels_last(x)
+    dx, dx_flat = alloc.output_like(x, channels_last)
     mean_c, _, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
     p, q = dx_coefs(stat(rstd, acc), stat(sum_dxhat, acc), stat(sum_dxhat_xhat, acc), int(count), c)
     act = CODES[activation]
-    if is_channels_last(x):
-        dy = like_layout(dy, x)
-        dx_channels_last(pixels_view(dy), pixels_view(x), pixels_view(dx), mean_c, a, b, p, q, act)
+    dy = like_layout(dy, x)
+    if channels_last:
+        dx_channels_last(pixels_view(dy), pixels_view(x), dx_flat.reshape(n, -1, c), mean_c, a, b, p, q, act)
     else:
-        dy = like_layout(dy, x)
-        dx_rows(rows_view(dy, n * c), rows_view(x, n * c), rows_view(dx, n * c), mean_c.reshape(-1),
+        dx_rows(rows_view(dy, n * c), rows_view(x, n * c), dx_flat.reshape(n * c, -1), mean_c.reshape(-1),
                 a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act)
     return dx
 
@@ -235,7 +237,11 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     acc = acc_dtype(x.dtype)
     sum_dz_xhat, s1 = alloc.empty_pair((n, c), acc)
     sum_dz, s0 = alloc.empty_pair((n, c), acc)
-    dx = alloc.empty_like(x) if need_dx else x
+    channels_last = not x.is_contiguous()
+    if need_dx:
+        dx, dx_flat = alloc.output_like(x, channels_last)
+    else:   # the kernels skip dx: any array of the right shape
+        dx, dx_flat = x, None
     dw = db = None
     dw_np = db_np = _EMPTY[acc]
     if param_sums and weight is not None:
@@ -249,18 +255,22 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     m, r = stat(mean, acc), stat(rstd, acc)
     act = CODES[activation]
     dy = like_layout(dy, x)
-    if not x.is_contiguous():
-        backward_channels_last(pixels_view(dy), pixels_view(x), pixels_view(dx), m, r, w, b, s, t, act,
+    if channels_last:
+        xv = pixels_view(x)
+        backward_channels_last(pixels_view(dy), xv, xv if dx_flat is None else dx_flat.reshape(n, -1, c),
+                               m, r, w, b, s, t, act,
                                bool(need_dx), _ZERO[acc], s1, s0, dw_np, db_np)
     elif n * num_groups >= GROUP_TASKS_MIN:
         rows = n * c
-        backward_rows_fused(as_numpy(dy).reshape(rows, -1), as_numpy(x).reshape(rows, -1),
-                            as_numpy(dx).reshape(rows, -1), c // num_groups, m, r, w, b, s, t, act,
+        xr = as_numpy(x).reshape(rows, -1)
+        backward_rows_fused(as_numpy(dy).reshape(rows, -1), xr, xr if dx_flat is None else dx_flat.reshape(rows, -1),
+                            c // num_groups, m, r, w, b, s, t, act,
                             bool(need_dx), _ZERO[acc], s1.reshape(-1), s0.reshape(-1), dw_np, db_np)
     else:
         rows = n * c
-        backward_rows_two_stage(as_numpy(dy).reshape(rows, -1), as_numpy(x).reshape(rows, -1),
-                                as_numpy(dx).reshape(rows, -1), m, r, w, b, s, t, act,
+        xr = as_numpy(x).reshape(rows, -1)
+        backward_rows_two_stage(as_numpy(dy).reshape(rows, -1), xr, xr if dx_flat is None else dx_flat.reshape(rows, -1),
+                                m, r, w, b, s, t, act,
                                 bool(need_dx), _ZERO[acc], s1, s0, dw_np, db_np)
     return sum_dz_xhat, sum_dz, (dx if need_dx else None), dw, db
 
