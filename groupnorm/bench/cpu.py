@@ -13,11 +13,20 @@ sides. Two kinds of rows:
   out the op/autograd layers, so the gap between the two kinds is the Python glue.
   "kernel fused" is the same with ``numba_cpu.backward_fused`` (both backward stages in
   one call; the op layer does not use it yet).
+
+Each row also counts minor page faults per call on both sides (after the timing): fresh
+output pages cost a fault per 4 KiB, on a VM more than the kernel, and glibc decides per
+call whether an output of a given size gets fresh pages (see numba_cpu.output_pool).
 """
 from __future__ import annotations
 
 import time
 from typing import Dict, Iterable, List
+
+try:
+    import resource
+except ImportError:   # not on Windows: the fault columns read "-"
+    resource = None
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +101,18 @@ def _grad_error(got, x, w, b, dy, groups) -> float:
                for g, r in zip(got[1:], (xd.grad, wd.grad, bd.grad)))
 
 
+def faults_per_call(fn, calls: int = 5) -> float:
+    """Minor page faults per call of fn (fresh output pages being mapped), or NaN where
+    the platform does not count them. Reported beside the times: on a VM a run of faults
+    can cost more than the kernel, on either side."""
+    if resource is None:
+        return float("nan")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat16),
                       formats=("nchw", "nhwc"), passes=API_PASSES + KERNEL_PASSES,
                       budget_s: float = 0.3) -> List[Dict]:
@@ -145,13 +166,15 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         layout_ok = got[1].stride() == x.stride()
                     runs = dict(warmup=1 if big else 3, min_runs=5 if big else 10, budget_s=2 * budget_s)
                     t_ours, t_aten = time_interleaved([ours, aten], **runs)
+                    faults = (faults_per_call(ours, 2 if big else 5), faults_per_call(aten, 2 if big else 5))
                     moved = TENSOR_PASSES[p] * x.numel() * x.element_size()
                     rows.append(dict(
                         case=case.name, dtype=str(dtype).replace("torch.", ""), format=fmt, pass_=p,
                         ours_us=t_ours.median_us, aten_us=t_aten.median_us,
                         speedup=t_aten.median_s / t_ours.median_s,
                         gbps=moved / t_ours.median_s / 1e9, max_diff=diff, layout_ok=layout_ok,
-                        first_call_ms=first * 1e3, compile_s=compile_s))
+                        first_call_ms=first * 1e3, compile_s=compile_s,
+                        faults_ours=faults[0], faults_aten=faults[1]))
     return rows
 
 
@@ -162,12 +185,13 @@ def format_table(rows: List[Dict]) -> str:
         lines.append(f"First-call cost (compile or load of the common signatures): "
                      f"{rows[0]['compile_s']:.1f} s\n")
     lines.append("| case | dtype | format | pass | ours us | ATen us | speed-up | GB/s ours "
-                 "| max diff | first call ms |")
-    lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+                 "| max diff | first call ms | page faults/call ours, ATen |")
+    lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lines.append(f"| {r['case']} | {r['dtype']} | {r['format']} | {r['pass_']} | "
                      f"{r['ours_us']:.0f} | {r['aten_us']:.0f} | {r['speedup']:.2f}x | "
-                     f"{r['gbps']:.1f} | {r['max_diff']:.1e} | {r['first_call_ms']:.1f} |")
+                     f"{r['gbps']:.1f} | {r['max_diff']:.1e} | {r['first_call_ms']:.1f} | "
+                     f"{r['faults_ours']:.0f}, {r['faults_aten']:.0f} |")
     return "\n".join(lines)
 
 
