@@ -35,7 +35,7 @@ _HUGE_PAGES_USABLE = (os.environ.get("GROUPNORM_HUGE_PAGES", "1") != "0"
 # Outputs from this size on are pooled (smaller ones: the pool costs ~1-4 us more than
 # torch.empty_like per output, which small shapes notice and rarely win back).
 POOL_MIN_BYTES = 1 << 20
-POOL_LIMIT_MB = int(os.environ.get("GROUPNORM_OUTPUT_POOL_MB", "1024"))
+POOL_LIMIT_MB = int(os.environ.get("GROUPNORM_OUTPUT_POOL_MB", "512"))
 
 
 def _new_pool_buffer(nbytes: int) -> np.ndarray:
