@@ -25,6 +25,25 @@ def make_input(shape, dtype=torch.float32, channels_last=False, seed=None, mean=
     return x
 
 
+def assert_fwd_bwd_matches_torch(fn, x, num_groups, weight, bias, dy):
+    """fn(x, G, w, b) (our group_norm) and its gradients of (x, w, b) against torch's
+    F.group_norm in float32, float64 deciding (assert_oracle_close: ATen's channels-last
+    float32 path is the less accurate side). x, w, b require grad. -> (y, grads, torch's y)."""
+    import torch.nn.functional as F
+
+    y = fn(x, num_groups, weight, bias)
+    got = torch.autograd.grad(y, (x, weight, bias), dy)
+    ref = F.group_norm(x, num_groups, weight, bias)
+    want = torch.autograd.grad(ref, (x, weight, bias), dy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    ref64 = F.group_norm(x64, num_groups, w64, b64)
+    want64 = torch.autograd.grad(ref64, (x64, w64, b64), dy.double())
+    assert_oracle_close(y.detach(), ref.detach(), ref64.detach(), torch.float32)
+    for a, e, e64 in zip(got, want, want64):
+        assert_oracle_close(a, e, e64, torch.float32)
+    return y, got, ref
+
+
 def make_params(c, dtype=torch.float32, seed=None):
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     w = (1.0 + 0.3 * torch.randn(c, generator=gen, dtype=torch.float64)).to(dtype)
