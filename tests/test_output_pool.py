@@ -49,6 +49,30 @@ def test_output_like_layout_and_flat_view(pool, dtype, channels_last):
     assert torch.equal(in_memory_order.reshape(-1), ramp)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 1024, 384), (2, 1536, 1, 256), (2, 384, 1024, 1)])
+def test_output_keeps_the_strides_of_size_one_dims(pool, shape):
+    """x dense with a size-1 dim: any stride is valid there; the output copies x's, as
+    torch.empty_like does (both layouts, pooled sizes)."""
+    for x in (_like(shape), _like(shape).to(memory_format=torch.channels_last),
+              _like(shape).as_strided(shape, _odd_strides(shape))):
+        channels_last = not x.is_contiguous()
+        y, flat = alloc.output_like(x, channels_last)
+        assert y.stride() == x.stride() and pool.pooled_bytes > 0
+        flat[:] = np.arange(flat.size, dtype=np.float32)
+        want = torch.arange(flat.size, dtype=torch.float32)
+        in_memory_order = y.permute(0, 2, 3, 1) if channels_last else y
+        assert torch.equal(in_memory_order.reshape(-1), want)
+
+
+def _odd_strides(shape):
+    """Contiguous strides, except 12345 for each size-1 dim."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(12345 if size == 1 else step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def test_reused_only_after_every_reference_died(pool):
     x = _like(POOLED)
     y, _ = alloc.output_like(x, False)

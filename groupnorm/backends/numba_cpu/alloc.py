@@ -70,7 +70,13 @@ def output_like(x: torch.Tensor, channels_last: bool):
         wrapped = flat.reshape(shape)
     POOL.lend(wrapped, buf)
     y = torch.from_numpy(wrapped)
-    return (y.view(x.dtype) if x.dtype in _HALF else y), flat
+    if x.dtype in _HALF:
+        y = y.view(x.dtype)
+    if y.stride() != x.stride():
+        # Only the strides of size-1 dims can differ (same memory order): keep x's, as
+        # torch.empty_like would.
+        y = y.as_strided(x.shape, x.stride())
+    return y, flat
 
 
 def memory_order(t: torch.Tensor, channels_last: bool) -> np.ndarray:
