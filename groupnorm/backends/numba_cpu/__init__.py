@@ -6,8 +6,8 @@ input gradients themselves).
 Modules, one job each: ``bits`` (half <-> float32 bit conversion), ``elements`` (typed
 load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
 ``forward_kernels``, ``backward_kernels``, ``entries`` (compiled glue: one call per backward),
-``threads``, ``alloc`` (with ``output_pool``: reuse of freed outputs) and ``launch`` (the
-torch glue). ``warmup()`` compiles the common signatures and returns the seconds it took.
+``threads``, ``numpy_views``, ``alloc`` (with ``output_pool``: reuse of freed outputs) and
+``launch`` (the torch glue). ``warmup()`` compiles the common signatures and returns the seconds it took.
 """
 from .launch import apply, backward_dx, backward_fused, backward_grads, backward_reduce, forward, stats
 from .warmup import compile_time_report, warmup

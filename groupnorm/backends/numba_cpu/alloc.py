@@ -25,6 +25,7 @@ import os
 import numpy as np
 import torch
 
+from .numpy_views import FROM_PIXELS, HALF, KERNEL_NUMPY, memory_order
 from .output_pool import OutputPool, aligned_bytes
 
 # At and above this size glibc always maps fresh pages; below it freed blocks are reused.
@@ -47,11 +48,6 @@ def _new_pool_buffer(nbytes: int) -> np.ndarray:
 POOL = OutputPool(POOL_LIMIT_MB << 20, new_buffer=_new_pool_buffer)
 
 
-_KERNEL_NUMPY = {torch.float32: np.float32, torch.float64: np.float64,
-                 torch.bfloat16: np.uint16, torch.float16: np.int16}   # half types as bits
-_HALF = (torch.bfloat16, torch.float16)
-
-
 def output_like(x: torch.Tensor, channels_last: bool):
     """(tensor, flat numpy view of its memory in memory order, half types as bits) with
     x's shape, dtype and memory format (contiguous, or channels-last when channels_last).
@@ -62,31 +58,20 @@ def output_like(x: torch.Tensor, channels_last: bool):
         y = empty_like(x)
         return y, memory_order(y, channels_last)
     shape = tuple(x.shape)
-    flat = buf.view(_KERNEL_NUMPY[x.dtype])
+    flat = buf.view(KERNEL_NUMPY[x.dtype])
     if channels_last:
-        order = (0, len(shape) - 1) + tuple(range(1, len(shape) - 1))
-        wrapped = flat.reshape((shape[0],) + shape[2:] + (shape[1],)).transpose(order)
+        wrapped = flat.reshape((shape[0],) + shape[2:] + (shape[1],)).transpose(FROM_PIXELS[len(shape)])
     else:
         wrapped = flat.reshape(shape)
     POOL.lend(wrapped, buf)
     y = torch.from_numpy(wrapped)
-    if x.dtype in _HALF:
+    if x.dtype in HALF:
         y = y.view(x.dtype)
     if y.stride() != x.stride():
         # Only the strides of size-1 dims can differ (same memory order): keep x's, as
         # torch.empty_like would.
         y = y.as_strided(x.shape, x.stride())
     return y, flat
-
-
-def memory_order(t: torch.Tensor, channels_last: bool) -> np.ndarray:
-    """t's memory as a flat numpy array (half types as bits), without a copy."""
-    a = t.detach().view(torch.int16).numpy() if t.dtype in _HALF else t.detach().numpy()
-    if t.dtype == torch.bfloat16:
-        a = a.view(np.uint16)
-    if channels_last:
-        a = a.transpose((0,) + tuple(range(2, a.ndim)) + (1,))
-    return a.reshape(-1)
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:

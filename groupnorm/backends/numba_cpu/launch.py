@@ -1,7 +1,6 @@
 """torch <-> numpy glue: zero-copy views, output allocation, dispatch by memory format.
 
-Tensors are viewed, never copied: float32/float64 through ``.numpy()``, bfloat16 as a
-uint16 view and float16 as an int16 view of the same bytes (the kernels convert bits).
+Tensors are viewed, never copied (``numpy_views``: half types as their bits).
 Contiguous inputs become (N*C, HW) / (N*G, C/G*HW) row views, channels-last inputs an
 (N, HW, C) view; outputs are allocated like x, so they keep its memory format.
 """
@@ -17,6 +16,7 @@ from .coefs import dx_coefs, z1_coefs
 from .entries import backward_channels_last, backward_rows_fused, backward_rows_two_stage
 from .apply_kernels import apply_channels_last, apply_rows
 from .forward_kernels import GROUP_TASKS_MIN, forward_channels_last, forward_groups, forward_rows
+from .numpy_views import HALF, as_numpy, pixels_view
 from .stats_kernels import stats_channels_last, stats_rows
 from .threads import sync_with_torch
 
@@ -26,20 +26,6 @@ _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of t's memory; half types as their raw bits.
-
-    Torch calls cost microseconds each on small shapes, so the common path is one
-    ``.numpy()`` (plus ``.detach()`` only when needed); reshapes happen in numpy.
-    """
-    dtype = t.dtype
-    if dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy(force=True).view(np.uint16)
-    if dtype == torch.float16:
-        return t.view(torch.int16).numpy(force=True)
-    return t.numpy(force=True)   # force: detaches a tensor that requires grad (no copy)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -59,17 +45,6 @@ def rows_view(x: torch.Tensor, rows: int) -> np.ndarray:
     return as_numpy(x).reshape(rows, -1)
 
 
-_TO_PIXELS = {d: (0,) + tuple(range(2, d)) + (1,) for d in range(2, 9)}
-
-
-def pixels_view(x: torch.Tensor) -> np.ndarray:
-    """Channels-last x as (N, HW, C), no copy (a transpose of numpy strides, then a
-    reshape that numpy can do as a view because the transposed array is C-contiguous)."""
-    a = as_numpy(x).transpose(_TO_PIXELS[x.dim()])
-    return a.reshape(a.shape[0], -1, a.shape[-1])
-
-
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def param(t, acc: torch.dtype) -> np.ndarray:
@@ -78,7 +53,7 @@ def param(t, acc: torch.dtype) -> np.ndarray:
     ``.to(float32)`` per parameter per call was ~15 us of the small shapes' glue)."""
     if t is None:
         return _EMPTY[acc]
-    if t.dtype != acc and t.dtype not in _HALF:
+    if t.dtype != acc and t.dtype not in HALF:
         t = t.to(acc)
     if not t.is_contiguous():
         t = t.contiguous()
@@ -104,7 +79,7 @@ def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
     shape = x.shape
     n, c = shape[0], shape[1]
     acc = acc_dtype(x.dtype)
-    channels_last = not x.is_contiguous()
+    channels_last = is_channels_last(x)
     y, y_flat = alloc.output_like(x, channels_last)
     mean, mean_np = alloc.empty_pair((n, num_groups), acc)
     rstd, rstd_np = alloc.empty_pair((n, num_groups), acc)
@@ -237,7 +212,7 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     acc = acc_dtype(x.dtype)
     sum_dz_xhat, s1 = alloc.empty_pair((n, c), acc)
     sum_dz, s0 = alloc.empty_pair((n, c), acc)
-    channels_last = not x.is_contiguous()
+    channels_last = is_channels_last(x)
     if need_dx:
         dx, dx_flat = alloc.output_like(x, channels_last)
     else:   # the kernels skip dx: any array of the right shape

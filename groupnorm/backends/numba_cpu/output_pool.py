@@ -51,7 +51,9 @@ class OutputPool:
         self._count: Dict[int, int] = {}               # nbytes -> buffers pooled (free + in use)
         self._pooled_bytes = 0
         self._handed_out: Dict[int, tuple] = {}   # id(weakref) -> (weakref, buffer)
-        self._lock = threading.RLock()   # re-entrant: a weakref callback may run inside take()
+        # Guards the counts; the free lists and _handed_out change without it (single list /
+        # dict operations), so a buffer coming back (a weakref callback) never waits.
+        self._lock = threading.Lock()
 
     @property
     def pooled_bytes(self) -> int:
@@ -99,28 +101,24 @@ class OutputPool:
             self._pooled_bytes += nbytes
             return buf
 
-    def _forget(self, nbytes: int) -> None:
-        with self._lock:
-            self._count[nbytes] -= 1
-            self._pooled_bytes -= nbytes
-
     def _evict(self, want: int, keep: int = -1) -> int:
-        """Drop free buffers (other sizes than keep first) until want bytes are gone."""
+        """Drop free buffers (other sizes than keep first) until want bytes are gone.
+        The caller holds the lock."""
         dropped = 0
-        with self._lock:
-            sizes = sorted(self._free, key=lambda s: s == keep)
-            for size in sizes:
-                free = self._free[size]
-                while free and dropped < want:
-                    try:
-                        free.pop()
-                    except IndexError:
-                        break
-                    self._forget(size)
-                    dropped += size
+        for size in sorted(self._free, key=lambda s: s == keep):
+            free = self._free[size]
+            while free and dropped < want:
+                try:
+                    free.pop()
+                except IndexError:
+                    break
+                self._count[size] -= 1
+                self._pooled_bytes -= size
+                dropped += size
         return dropped
 
     def release(self) -> int:
         """Drop every free buffer -> bytes released. (Buffers in use stay pooled: they
         come back to the free lists when their tensors die.)"""
-        return self._evict(1 << 62)
+        with self._lock:
+            return self._evict(1 << 62)
