@@ -4,8 +4,8 @@
     python benchmarks/benchmark_cpu.py --quick    # QUICK_SUITE  # noqa: E402
     python benchmarks/benchmark_cpu.py --rows api # public-API rows only (the targets)
 
-Rows "fwd" / "fwd+bwd" time the public API (groupnorm.group_norm, autograd) against
-F.group_norm the same way; "kernel ..." rows call the Numba backend directly.
+Rows "fwd" / "bwd" / "fwd+bwd" time the public API (groupnorm.group_norm, autograd)
+against F.group_norm the same way ("bwd": the autograd backward alone, forward untimed); "kernel ..." rows call the Numba backend directly.
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ sides. Two kinds of rows:
 * public API (what users see; the issue-3 targets are stated in these):
   "fwd" is ``groupnorm.group_norm`` against ``F.group_norm``; "fwd+bwd" is the same call
   on leaf tensors that require grad, then ``torch.autograd.grad`` of (x, weight, bias),
-  on both sides identically (custom-op dispatch, autograd graph and all).
+  on both sides identically (custom-op dispatch, autograd graph and all); "bwd" times
+  that ``torch.autograd.grad`` alone, each call on a fresh graph whose forward ran
+  untimed just before (the backward target of issue 3 is stated for the backward).
 * backend-direct ("kernel fwd", "kernel fwd+bwd"): ``numba_cpu.forward`` against
   F.group_norm; our forward + backward_reduce + the small (N, C) torch sums +
   backward_dx against ATen's native_group_norm + native_group_norm_backward. These leave
@@ -40,9 +42,9 @@ from .timing import time_interleaved
 EPS = 1e-5
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": None}
 # Bytes each pass must move at least, in units of x.numel() * element_size.
-TENSOR_PASSES = {"fwd": 2, "fwd+bwd": 7,   # fwd: x, y | bwd: +dy, x (reduce) +dy, x, dx
+TENSOR_PASSES = {"fwd": 2, "bwd": 5, "fwd+bwd": 7,   # fwd: x, y | bwd: dy, x (reduce) +dy, x, dx
                  "kernel fwd": 2, "kernel fwd+bwd": 7, "kernel fused": 7}
-API_PASSES = ("fwd", "fwd+bwd")
+API_PASSES = ("fwd", "bwd", "fwd+bwd")
 KERNEL_PASSES = ("kernel fwd", "kernel fwd+bwd", "kernel fused")
 
 
@@ -82,11 +84,20 @@ def _aten_fwd_bwd(x, w, b, dy, groups):
     return y, dx, dw, db
 
 
+def _api_fwd(fn, x, w, b, groups):
+    """A fresh graph: leaf copies of x, w, b requiring grad and fn's output on them."""
+    leaves = tuple(t.detach().requires_grad_() for t in (x, w, b))
+    return fn(leaves[0], groups, leaves[1], leaves[2], EPS), leaves
+
+
+def _api_bwd(graph, dy):
+    """The backward alone of a graph made by _api_fwd: (y, dx, dw, db)."""
+    y, leaves = graph
+    return (y,) + torch.autograd.grad(y, leaves, dy)
+
+
 def _api_fwd_bwd(fn, x, w, b, dy, groups):
-    xr, wr, br = (t.detach().requires_grad_() for t in (x, w, b))
-    y = fn(xr, groups, wr, br, EPS)
-    dx, dw, db = torch.autograd.grad(y, (xr, wr, br), dy)
-    return y, dx, dw, db
+    return _api_bwd(_api_fwd(fn, x, w, b, groups), dy)
 
 
 def _grad_error(got, x, w, b, dy, groups) -> float:
@@ -101,16 +112,20 @@ def _grad_error(got, x, w, b, dy, groups) -> float:
                for g, r in zip(got[1:], (xd.grad, wd.grad, bd.grad)))
 
 
-def faults_per_call(fn, calls: int = 5) -> float:
+def faults_per_call(fn, calls: int = 5, setup=None) -> float:
     """Minor page faults per call of fn (fresh output pages being mapped), or NaN where
-    the platform does not count them. Reported beside the times: on a VM a run of faults
-    can cost more than the kernel, on either side."""
+    the platform does not count them; with ``setup``, per ``fn(setup())``, counting fn's
+    faults only. Reported beside the times: on a VM a run of faults can cost more than
+    the kernel, on either side."""
     if resource is None:
         return float("nan")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = 0
     for _ in range(calls):
-        fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+        arg = setup() if setup is not None else None
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn() if setup is None else fn(arg)
+        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return faults / calls
 
 
 def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat16),
@@ -129,7 +144,8 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                 b = (0.1 * torch.randn(c)).to(dtype)
                 big = x.numel() >= 8 * 2**20
                 for p in passes:
-                    if p in ("fwd", "fwd+bwd"):
+                    setups = None
+                    if p in API_PASSES:
                         fn = groupnorm.group_norm
                         if p == "fwd":
                             ours = lambda: fn(x, case.num_groups, w, b, EPS)
@@ -140,6 +156,10 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         t0 = time.perf_counter()
                         got = ours()
                         first = time.perf_counter() - t0
+                        if p == "bwd":   # time the backward alone; forward untimed per call
+                            setups = [lambda: _api_fwd(fn, x, w, b, case.num_groups),
+                                      lambda: _api_fwd(F.group_norm, x, w, b, case.num_groups)]
+                            ours = aten = lambda graph: _api_bwd(graph, dy)
                         if p == "fwd":
                             diff = (got.float() - aten().float()).abs().max().item()
                             layout_ok = got.stride() == x.stride()
@@ -165,8 +185,10 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         diff = _grad_error(got, x, w, b, dy, case.num_groups)
                         layout_ok = got[1].stride() == x.stride()
                     runs = dict(warmup=1 if big else 3, min_runs=5 if big else 10, budget_s=2 * budget_s)
-                    t_ours, t_aten = time_interleaved([ours, aten], **runs)
-                    faults = (faults_per_call(ours, 2 if big else 5), faults_per_call(aten, 2 if big else 5))
+                    t_ours, t_aten = time_interleaved([ours, aten], setups=setups, **runs)
+                    calls = 2 if big else 5
+                    faults = (faults_per_call(ours, calls, setups and setups[0]),
+                              faults_per_call(aten, calls, setups and setups[1]))
                     moved = TENSOR_PASSES[p] * x.numel() * x.element_size()
                     rows.append(dict(
                         case=case.name, dtype=str(dtype).replace("torch.", ""), format=fmt, pass_=p,
@@ -204,7 +226,7 @@ def geomean(values) -> float:
 
 
 def summary(rows: List[Dict]) -> str:
-    """Geometric-mean speed-ups per (pass, format): the public-API rows ("fwd", "fwd+bwd")
+    """Geometric-mean speed-ups per (pass, format): the public-API rows ("fwd", "bwd", "fwd+bwd")
     are the numbers the targets are stated in. Where some rows had page faults on either
     side, also the geomean of the rest: the kernels and glue alone, without allocator luck."""
     out = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -53,26 +53,44 @@ def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", *,
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples))
 
 
-def time_interleaved(fns: List[Callable[[], object]], *, rounds: int = 5, warmup: int = 3,
-                     min_runs: int = 10, max_runs: int = 200, budget_s: float = 1.0) -> List[Timing]:
+def time_interleaved(fns: List[Callable[..., object]], *, rounds: int = 5, warmup: int = 3,
+                     min_runs: int = 10, max_runs: int = 200, budget_s: float = 1.0,
+                     setups: Optional[List[Callable[[], object]]] = None) -> List[Timing]:
     """CPU timings of several functions taken in alternating rounds (a, b, a, b, ...), so a
     load spike or clock change on a shared machine hits every side alike; each round runs
-    a block of calls of one function (its pool warm, as in a real loop)."""
-    for fn in fns:
-        for _ in range(warmup):
+    a block of calls of one function (its pool warm, as in a real loop).
+
+    With ``setups``, each call is ``fn(setup())`` and only ``fn`` is timed: how a backward
+    alone is timed, its forward (a fresh graph per call) run untimed just before it.
+    """
+    if setups is None:
+        calls = [(None, fn) for fn in fns]
+    else:
+        calls = list(zip(setups, fns))
+
+    def run(setup, fn) -> float:
+        if setup is None:
+            t0 = time.perf_counter()
             fn()
+            return time.perf_counter() - t0
+        arg = setup()
+        t0 = time.perf_counter()
+        fn(arg)
+        return time.perf_counter() - t0
+
+    for setup, fn in calls:
+        for _ in range(warmup):
+            run(setup, fn)
     samples: List[List[float]] = [[] for _ in fns]
     per_round = budget_s / rounds
     for _ in range(rounds):
-        for fn, out in zip(fns, samples):
-            fn()   # first call of a block: the other side's threads may still be spinning
+        for (setup, fn), out in zip(calls, samples):
+            run(setup, fn)   # first call of a block: the other side's threads may still be spinning
             start = time.perf_counter()
             taken = 0
             while taken < max_runs // rounds and (taken < max(1, min_runs // rounds)
                                                   or time.perf_counter() - start < per_round):
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
+                out.append(run(setup, fn))
                 taken += 1
     timings = []
     for out in samples:

@@ -19,21 +19,47 @@ from .elements import load
 @njit(cache=True, error_model="numpy", fastmath=False)
 def z1_coefs_sample(n, mean, rstd, weight, bias, scale, shift, mean_c, rstd_c, a, b):
     """Row n of z1_coefs' outputs, written into mean_c, rstd_c, a, b (N, C): lets a
-    per-sample task form its own coefficients."""
+    per-sample task form its own coefficients.
+
+    Loops run per group over zero-based channel offsets: ``range(lo, hi)`` with a
+    computed lo (or a ``c // cpg`` per channel) kept LLVM from vectorising and cost
+    5-10x as much (~10 us at C = 1280, N = 2, on every call)."""
     groups = mean.shape[1]
     channels = a.shape[1]
     cpg = channels // groups
-    for c in range(channels):
-        g = c // cpg
-        w = np.float64(load(weight, c)) if weight.size else 1.0
-        bb = np.float64(load(bias, c)) if bias.size else 0.0
-        s1 = 1.0 + np.float64(load(scale, n * channels + c)) if scale.size else 1.0
-        t = np.float64(load(shift, n * channels + c)) if shift.size else 0.0
+    has_w, has_b = weight.size > 0, bias.size > 0
+    has_s, has_t = scale.size > 0, shift.size > 0
+    row = n * channels
+    for g in range(groups):
         r = np.float64(rstd[n, g])
-        mean_c[n, c] = mean[n, g]
-        rstd_c[n, c] = r
-        a[n, c] = r * w * s1
-        b[n, c] = bb * s1 + t
+        m = mean[n, g]
+        rs = rstd[n, g]
+        base = g * cpg
+        for j in range(cpg):
+            mean_c[n, base + j] = m
+            rstd_c[n, base + j] = rs
+        if has_s or has_t:
+            for j in range(cpg):
+                c = base + j
+                w = np.float64(load(weight, c)) if has_w else 1.0
+                bb = np.float64(load(bias, c)) if has_b else 0.0
+                s1 = 1.0 + np.float64(load(scale, row + c)) if has_s else 1.0
+                t = np.float64(load(shift, row + c)) if has_t else 0.0
+                a[n, c] = r * w * s1
+                b[n, c] = bb * s1 + t
+        else:   # the everyday case, branch-free loops
+            if has_w:
+                for j in range(cpg):
+                    a[n, base + j] = r * np.float64(load(weight, base + j))
+            else:
+                for j in range(cpg):
+                    a[n, base + j] = r
+            if has_b:
+                for j in range(cpg):
+                    b[n, base + j] = load(bias, base + j)
+            else:
+                for j in range(cpg):
+                    b[n, base + j] = 0.0
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -69,9 +95,10 @@ def dx_coefs(rstd, sum_dxhat, sum_dxhat_xhat, count, channels):
             r = np.float64(rstd[n, g])
             pg = -r * r * np.float64(sum_dxhat_xhat[n, g]) * inv_count
             qg = -r * np.float64(sum_dxhat[n, g]) * inv_count
-            for c in range(g * cpg, (g + 1) * cpg):
-                p[n, c] = pg
-                q[n, c] = qg
+            base = g * cpg
+            for j in range(cpg):   # zero-based: vectorises (see z1_coefs_sample)
+                p[n, base + j] = pg
+                q[n, base + j] = qg
     return p, q
 
 

@@ -61,14 +61,20 @@ def group_terms(sum_dz_xhat, sum_dz, gain, groups):
     """(sum_dxhat, sum_dxhat_xhat), each (N, G) in float64: the group sums dx needs."""
     n_batch, channels = sum_dz.shape
     cpg = channels // groups
-    s_dxhat = np.zeros((n_batch, groups), np.float64)
-    s_dxhat_xhat = np.zeros((n_batch, groups), np.float64)
+    s_dxhat = np.empty((n_batch, groups), np.float64)
+    s_dxhat_xhat = np.empty((n_batch, groups), np.float64)
     for n in range(n_batch):
-        for c in range(channels):
-            g = c // cpg
-            k = gain[n * channels + c]
-            s_dxhat[n, g] += np.float64(sum_dz[n, c]) * k
-            s_dxhat_xhat[n, g] += np.float64(sum_dz_xhat[n, c]) * k
+        for g in range(groups):   # per group, zero-based: no division per channel
+            base = g * cpg
+            row = n * channels + base
+            t_dxhat = 0.0
+            t_dxhat_xhat = 0.0
+            for j in range(cpg):
+                k = gain[row + j]
+                t_dxhat += np.float64(sum_dz[n, base + j]) * k
+                t_dxhat_xhat += np.float64(sum_dz_xhat[n, base + j]) * k
+            s_dxhat[n, g] = t_dxhat
+            s_dxhat_xhat[n, g] = t_dxhat_xhat
     return s_dxhat, s_dxhat_xhat
 
 

@@ -168,15 +168,16 @@ def channel_sums_to_groups(s, q, shift, rows, groups, part_mean, part_m2):
     cpg = channels // groups
     inv = 1.0 / rows
     for g in range(groups):
+        base = g * cpg   # zero-based inner loops: range(lo, hi) kept them scalar
         tot = 0.0
-        for c in range(g * cpg, (g + 1) * cpg):
-            tot += np.float64(shift[c]) + np.float64(s[c]) * inv
+        for j in range(cpg):
+            tot += np.float64(shift[base + j]) + np.float64(s[base + j]) * inv
         mg = tot / cpg
         m2 = 0.0
-        for c in range(g * cpg, (g + 1) * cpg):
-            sc = np.float64(s[c])
-            dm = np.float64(shift[c]) + sc * inv - mg
-            m2 += max(np.float64(q[c]) - sc * sc * inv, 0.0) + rows * dm * dm
+        for j in range(cpg):
+            sc = np.float64(s[base + j])
+            dm = np.float64(shift[base + j]) + sc * inv - mg
+            m2 += max(np.float64(q[base + j]) - sc * sc * inv, 0.0) + rows * dm * dm
         part_mean[g] = mg
         part_m2[g] = m2
 
