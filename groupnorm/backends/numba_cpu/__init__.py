@@ -8,7 +8,10 @@ load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
 ``forward_kernels``, ``backward_kernels``, ``entries`` (compiled glue: one call per backward),
 ``threads``, ``numpy_views``, ``alloc`` (with ``output_pool``: reuse of freed outputs) and
 ``launch`` (the torch glue). ``warmup()`` compiles the common signatures and returns the seconds it took.
+``cache_stamp`` makes Numba's on-disk cache follow edits to any of these modules; it is
+imported first, before any kernel is decorated.
 """
+from . import cache_stamp  # noqa: F401  (first: see cache_stamp)
 from .launch import apply, backward_dx, backward_fused, backward_grads, backward_reduce, forward, stats
 from .warmup import compile_time_report, warmup
 

@@ -3,8 +3,9 @@
 Numba compiles per argument types; with ``cache=True`` the machine code lands next to the
 sources, so only the very first process pays the full compile time (about 100 s of CPU
 for all dtypes and layouts on a 2-core machine; about 1 s to load from the cache).
-Numba's cache checks only the kernel's own source file: after editing a helper module
-(bits, elements, activations, ...) delete this package's __pycache__ before trusting it.
+Numba's cache stamps a kernel with its own source file only; ``cache_stamp`` adds a hash
+of every module of this package, so an edit to a helper (bits, elements, coefs, ...)
+recompiles the kernels that inline it instead of loading stale code.
 """
 from __future__ import annotations
 
