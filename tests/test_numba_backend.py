@@ -29,6 +29,8 @@ def poisoned_outputs(monkeypatch):
         return t, alloc.memory_order(t, channels_last)
 
     monkeypatch.setattr(alloc, "output_like", nan_output)
+    monkeypatch.setattr(alloc, "output_tensor_like",
+                        lambda x, channels_last: (torch.full_like(x, float("nan")), None))
     monkeypatch.setattr(alloc, "empty", lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
 
     def nan_pair(shape, dtype):

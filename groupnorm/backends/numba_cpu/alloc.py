@@ -52,11 +52,17 @@ def output_like(x: torch.Tensor, channels_last: bool):
     """(tensor, flat numpy view of its memory in memory order, half types as bits) with
     x's shape, dtype and memory format (contiguous, or channels-last when channels_last).
     The flat view spares the launcher a ``.numpy()`` and a transpose per output."""
+    y, flat = output_tensor_like(x, channels_last)
+    return y, (memory_order(y, channels_last) if flat is None else flat)
+
+
+def output_tensor_like(x: torch.Tensor, channels_last: bool):
+    """output_like for a caller that passes the output by address: (tensor, its flat
+    numpy view, or None where making one would cost a ``.numpy()``)."""
     nbytes = x.numel() * x.element_size()
     buf = POOL.take(nbytes) if nbytes >= POOL_MIN_BYTES else None
     if buf is None:
-        y = empty_like(x)
-        return y, memory_order(y, channels_last)
+        return empty_like(x), None
     shape = tuple(x.shape)
     flat = buf.view(KERNEL_NUMPY[x.dtype])
     if channels_last:

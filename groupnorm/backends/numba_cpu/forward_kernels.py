@@ -47,8 +47,8 @@ def forward_rows(x_groups, x_rows, y_rows, weight, bias, scale, shift, eps, act,
     apply_rows(x_rows, y_rows, mean_c.reshape(rows), a.reshape(rows), b.reshape(rows), act)
 
 
-def forward_channels_last(x, y, weight, bias, scale, shift, eps, act, zero, mean, rstd):
-    """Channels-last layout. x, y: (N, HW, C); mean, rstd: (N, G) outputs.
+def channels_last_per_sample(n_batch: int, sample_elements: int) -> bool:
+    """Which channels-last forward runs: forward_samples (True) or forward_pixel_blocks.
 
     Small samples (at most SAMPLE_TASK_MAX elements) and at least as many samples as
     threads: one task per sample (forward_samples), one fork/join instead of two and the
@@ -60,10 +60,7 @@ def forward_channels_last(x, y, weight, bias, scale, shift, eps, act, zero, mean
     result. Plain Python: a compiled function that asks for the thread count cannot be
     cached.
     """
-    if x.shape[1] * x.shape[2] <= SAMPLE_TASK_MAX and x.shape[0] >= numba.get_num_threads():
-        forward_samples(x, y, weight, bias, scale, shift, eps, act, mean, rstd)
-    else:
-        forward_pixel_blocks(x, y, weight, bias, scale, shift, eps, act, zero, mean, rstd)
+    return sample_elements <= SAMPLE_TASK_MAX and n_batch >= numba.get_num_threads()
 
 
 @njit(**JIT)

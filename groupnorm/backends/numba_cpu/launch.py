@@ -1,8 +1,10 @@
-"""torch <-> numpy glue: zero-copy views, output allocation, dispatch by memory format.
+"""torch <-> Numba glue: zero-copy views, output allocation, dispatch by memory format.
 
-Tensors are viewed, never copied (``numpy_views``: half types as their bits).
-Contiguous inputs become (N*C, HW) / (N*G, C/G*HW) row views, channels-last inputs an
-(N, HW, C) view; outputs are allocated like x, so they keep its memory format.
+Tensors are never copied. The hot calls (forward, the whole backward) pass them as raw
+addresses to the entries in ``addresses`` (a numpy view costs ~2 us per tensor); the other
+contract functions view them with ``numpy_views`` (half types as their bits).
+Contiguous inputs become (N*C, HW) / (N*G, C/G*HW) rows, channels-last inputs
+(N, HW, C); outputs are allocated like x, so they keep its memory format.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from . import alloc
 from .activations import CODES
 from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
 from .coefs import dx_coefs, z1_coefs
-from .entries import backward_channels_last, backward_rows_fused, backward_rows_two_stage
 from .apply_kernels import apply_channels_last, apply_rows
-from .forward_kernels import GROUP_TASKS_MIN, forward_channels_last, forward_groups, forward_rows
+from .addresses import (BACKWARD_CHANNELS_LAST, BACKWARD_GROUPS, BACKWARD_ROWS, FORWARD_GROUPS,
+                        FORWARD_PIXEL_BLOCKS, FORWARD_ROWS, FORWARD_SAMPLES, WITNESS, backward_at, forward_at,
+                        tensor_at)
+from .forward_kernels import GROUP_TASKS_MIN, channels_last_per_sample
 from .numpy_views import HALF, as_numpy, pixels_view
 from .stats_kernels import stats_channels_last, stats_rows
 from .threads import sync_with_torch
@@ -45,6 +49,14 @@ def rows_view(x: torch.Tensor, rows: int) -> np.ndarray:
     return as_numpy(x).reshape(rows, -1)
 
 
+def param_tensor(t, acc: torch.dtype):
+    """weight/bias/scale/shift as the kernels read them: contiguous, in the accumulation
+    dtype or a half type (read as bits); None stays None."""
+    if t is None:
+        return None
+    if t.dtype != acc and t.dtype not in HALF:
+        t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def param(t, acc: torch.dtype) -> np.ndarray:
@@ -53,53 +65,49 @@ def param(t, acc: torch.dtype) -> np.ndarray:
     ``.to(float32)`` per parameter per call was ~15 us of the small shapes' glue)."""
     if t is None:
         return _EMPTY[acc]
-    if t.dtype != acc and t.dtype not in HALF:
-        t = t.to(acc)
-    if not t.is_contiguous():
-        t = t.contiguous()
-    a = as_numpy(t)
+    a = as_numpy(param_tensor(t, acc))
     return a if a.ndim == 1 else a.reshape(-1)
 
 
-def _param_grad(t, c: int):
-    """(tensor, numpy view) for dweight / dbias in the parameter's own dtype (half types as
-    bits: the compiled sums round into them, no conversion afterwards)."""
-    grad = alloc.empty((c,), t.dtype)
-    return grad, as_numpy(grad)
+def stat_tensor(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """mean / rstd (N, G) as the kernels read them: contiguous, in the accumulation dtype."""
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def stat(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
-    if t.dtype != acc:
-        t = t.to(acc)
-    return t.numpy(force=True) if t.is_contiguous() else t.contiguous().numpy(force=True)
+    return stat_tensor(t, acc).numpy(force=True)
+
+
+def _at(t, acc: torch.dtype):
+    """(address, element count, witness) of a prepared parameter; absent: 0 elements."""
+    if t is None:
+        return 0, 0, WITNESS[acc]
+    return tensor_at(t)
 
 
 def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
     sync_with_torch(x.numel())
     shape = x.shape
     n, c = shape[0], shape[1]
+    hw = x.numel() // (n * c)
     acc = acc_dtype(x.dtype)
     channels_last = is_channels_last(x)
-    y, y_flat = alloc.output_like(x, channels_last)
+    y, _ = alloc.output_tensor_like(x, channels_last)
     mean, mean_np = alloc.empty_pair((n, num_groups), acc)
     rstd, rstd_np = alloc.empty_pair((n, num_groups), acc)
-    w, b = param(weight, acc), param(bias, acc)
-    s = t = _EMPTY[acc]
+    # Prepared parameters stay referenced (locals) until the kernel has run.
+    w, b = param_tensor(weight, acc), param_tensor(bias, acc)
+    s = t = None
     if scale is not None or shift is not None:
-        s, t = param(scale, acc), param(shift, acc)
-    act = CODES[activation]
-    eps = float(eps)
+        s, t = param_tensor(scale, acc), param_tensor(shift, acc)
     if channels_last:
-        forward_channels_last(pixels_view(x), y_flat.reshape(n, -1, c), w, b, s, t, eps, act,
-                              _ZERO[acc], mean_np, rstd_np)
-    elif n * num_groups >= GROUP_TASKS_MIN:
-        rows = n * num_groups
-        forward_groups(as_numpy(x).reshape(rows, -1), y_flat.reshape(rows, -1), x.numel() // (n * c),
-                       w, b, s, t, eps, act, _ZERO[acc], mean_np, rstd_np)
+        layout = FORWARD_SAMPLES if channels_last_per_sample(n, hw * c) else FORWARD_PIXEL_BLOCKS
     else:
-        xa = as_numpy(x)
-        forward_rows(xa.reshape(n * num_groups, -1), xa.reshape(n * c, -1), y_flat.reshape(n * c, -1),
-                     w, b, s, t, eps, act, _ZERO[acc], mean_np, rstd_np)
+        layout = FORWARD_GROUPS if n * num_groups >= GROUP_TASKS_MIN else FORWARD_ROWS
+    forward_at(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, layout, *_at(w, acc), *_at(b, acc),
+               *_at(s, acc), *_at(t, acc), float(eps), CODES[activation], _ZERO[acc], mean_np, rstd_np)
     return y, mean, rstd
 
 
@@ -209,45 +217,30 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     sync_with_torch(x.numel())
     shape = x.shape
     n, c = shape[0], shape[1]
+    hw = x.numel() // (n * c)
     acc = acc_dtype(x.dtype)
     sum_dz_xhat, s1 = alloc.empty_pair((n, c), acc)
     sum_dz, s0 = alloc.empty_pair((n, c), acc)
     channels_last = is_channels_last(x)
-    if need_dx:
-        dx, dx_flat = alloc.output_like(x, channels_last)
-    else:   # the kernels skip dx: any array of the right shape
-        dx, dx_flat = x, None
-    dw = db = None
-    dw_np = db_np = _EMPTY[acc]
-    if param_sums and weight is not None:
-        dw, dw_np = _param_grad(weight, c)
-    if param_sums and bias is not None:
-        db, db_np = _param_grad(bias, c)
-    w, b = param(weight, acc), param(bias, acc)
-    s = t = _EMPTY[acc]
+    dx = alloc.output_tensor_like(x, channels_last)[0] if need_dx else None
+    dw = alloc.empty((c,), weight.dtype) if param_sums and weight is not None else None
+    db = alloc.empty((c,), bias.dtype) if param_sums and bias is not None else None
+    # Prepared inputs stay referenced (locals) until the entry has run.
+    w, b = param_tensor(weight, acc), param_tensor(bias, acc)
+    s = t = None
     if scale is not None or shift is not None:
-        s, t = param(scale, acc), param(shift, acc)
-    m, r = stat(mean, acc), stat(rstd, acc)
-    act = CODES[activation]
+        s, t = param_tensor(scale, acc), param_tensor(shift, acc)
+    m, r = stat_tensor(mean, acc), stat_tensor(rstd, acc)
     dy = like_layout(dy, x)
     if channels_last:
-        xv = pixels_view(x)
-        backward_channels_last(pixels_view(dy), xv, xv if dx_flat is None else dx_flat.reshape(n, -1, c),
-                               m, r, w, b, s, t, act,
-                               bool(need_dx), _ZERO[acc], s1, s0, dw_np, db_np)
-    elif n * num_groups >= GROUP_TASKS_MIN:
-        rows = n * c
-        xr = as_numpy(x).reshape(rows, -1)
-        backward_rows_fused(as_numpy(dy).reshape(rows, -1), xr, xr if dx_flat is None else dx_flat.reshape(rows, -1),
-                            c // num_groups, m, r, w, b, s, t, act,
-                            bool(need_dx), _ZERO[acc], s1.reshape(-1), s0.reshape(-1), dw_np, db_np)
+        layout = BACKWARD_CHANNELS_LAST
     else:
-        rows = n * c
-        xr = as_numpy(x).reshape(rows, -1)
-        backward_rows_two_stage(as_numpy(dy).reshape(rows, -1), xr, xr if dx_flat is None else dx_flat.reshape(rows, -1),
-                                m, r, w, b, s, t, act,
-                                bool(need_dx), _ZERO[acc], s1, s0, dw_np, db_np)
-    return sum_dz_xhat, sum_dz, (dx if need_dx else None), dw, db
+        layout = BACKWARD_GROUPS if n * num_groups >= GROUP_TASKS_MIN else BACKWARD_ROWS
+    backward_at(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
+                layout, bool(need_dx), m.data_ptr(), r.data_ptr(), WITNESS[acc], num_groups,
+                *_at(w, acc), *_at(b, acc), *_at(s, acc), *_at(t, acc), CODES[activation], _ZERO[acc], s1, s0,
+                *_at(dw, acc), *_at(db, acc))
+    return sum_dz_xhat, sum_dz, dx, dw, db
 
 
 def like_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
