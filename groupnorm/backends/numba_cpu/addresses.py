@@ -10,6 +10,10 @@ as an array's dtype did. The arrays rebuilt here are the same views ``numpy_view
 made (C-ordered memory order, half types as their bits) and are handed to the same
 kernels.
 
+One entry per kernel path (the launcher picks it, as it picked the kernel before): an
+entry that branched on the layout at run time compiled every path for every signature,
+which made the first call (and the test run) minutes longer.
+
 The caller keeps every tensor alive for the duration of the call (they are its locals);
 the arrays made here own nothing.
 """
@@ -28,10 +32,6 @@ from .numpy_views import KERNEL_NUMPY
 # their bits): its Numba type says what an address points to.
 WITNESS = {dtype: np.dtype(kind).type(0) for dtype, kind in KERNEL_NUMPY.items()}
 
-# Which forward kernel forward_at runs (chosen by the launcher: see forward_kernels).
-FORWARD_GROUPS, FORWARD_ROWS, FORWARD_SAMPLES, FORWARD_PIXEL_BLOCKS = 0, 1, 2, 3
-# Which backward entry backward_at runs (see launch._backward).
-BACKWARD_GROUPS, BACKWARD_ROWS, BACKWARD_CHANNELS_LAST = 0, 1, 2
 
 
 @intrinsic
@@ -55,66 +55,113 @@ def array_at(address, size, like):
 
 
 @njit(cache=True)
-def forward_at(x_at, y_at, like, n_batch, channels, hw, layout, w_at, w_n, w_like, b_at, b_n, b_like,
-               s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
-    """launch.forward's kernel call from addresses. x, y: N * C * HW elements in x's memory
-    order; weight/bias: (C,) or 0 elements, scale/shift: (N*C,) or 0; mean, rstd: (N, G)
-    outputs. layout: the kernel launch.forward picked (FORWARD_* below)."""
-    groups = mean.shape[1]
+def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like):
+    """(weight, bias, scale, shift) arrays from their (address, count, witness) triples:
+    weight/bias (C,) or 0 elements, scale/shift (N*C,) or 0."""
+    return (array_at(w_at, w_n, w_like), array_at(b_at, b_n, b_like), array_at(s_at, s_n, s_like),
+            array_at(t_at, t_n, t_like))
+
+
+# Forward entries: x, y are N * C * HW elements in x's memory order; mean, rstd (N, G)
+# outputs; the same arguments for each, so the launcher calls whichever it picked.
+
+@njit(cache=True)
+def forward_groups_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
+                      s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
+    """forward_kernels.forward_groups: contiguous, one task per (n, g)."""
+    rows = n_batch * mean.shape[1]
     size = n_batch * channels * hw
-    x = array_at(x_at, size, like)
-    y = array_at(y_at, size, like)
-    w = array_at(w_at, w_n, w_like)
-    b = array_at(b_at, b_n, b_like)
-    s = array_at(s_at, s_n, s_like)
-    t = array_at(t_at, t_n, t_like)
-    if layout == FORWARD_GROUPS:
-        rows = n_batch * groups
-        forward_groups(x.reshape(rows, size // rows), y.reshape(rows, size // rows), hw, w, b, s, t, eps, act,
-                       zero, mean, rstd)
-    elif layout == FORWARD_ROWS:
-        forward_rows(x.reshape(n_batch * groups, size // (n_batch * groups)), x.reshape(n_batch * channels, hw),
-                     y.reshape(n_batch * channels, hw), w, b, s, t, eps, act, zero, mean, rstd)
-    elif layout == FORWARD_SAMPLES:
-        forward_samples(x.reshape(n_batch, hw, channels), y.reshape(n_batch, hw, channels), w, b, s, t, eps,
-                        act, mean, rstd)
-    else:
-        forward_pixel_blocks(x.reshape(n_batch, hw, channels), y.reshape(n_batch, hw, channels), w, b, s, t,
-                             eps, act, zero, mean, rstd)
+    w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
+    forward_groups(array_at(x_at, size, like).reshape(rows, size // rows),
+                   array_at(y_at, size, like).reshape(rows, size // rows), hw, w, b, s, t, eps, act, zero, mean,
+                   rstd)
 
 
 @njit(cache=True)
-def backward_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, layout, need_dx, mean_at, rstd_at, stat_like,
-                groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like, act, zero,
-                sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
-    """launch._backward's entry call from addresses. dy, x, dx: N * C * HW elements in x's
-    memory order (dx unwritten without need_dx); mean, rstd: N * G elements of stat_like's
-    type; parameters as in forward_at; outputs sum_dz_xhat, sum_dz: (N, C) arrays, and
-    dweight, dbias: (C,) or 0 elements."""
+def forward_rows_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
+                    s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
+    """forward_kernels.forward_rows: contiguous, few groups."""
+    groups = mean.shape[1]
     size = n_batch * channels * hw
-    dy = array_at(dy_at, size, like)
     x = array_at(x_at, size, like)
-    dx = array_at(dx_at, size, like)
-    mean = array_at(mean_at, n_batch * groups, stat_like).reshape(n_batch, groups)
-    rstd = array_at(rstd_at, n_batch * groups, stat_like).reshape(n_batch, groups)
-    w = array_at(w_at, w_n, w_like)
-    b = array_at(b_at, b_n, b_like)
-    s = array_at(s_at, s_n, s_like)
-    t = array_at(t_at, t_n, t_like)
-    dw = array_at(dw_at, dw_n, dw_like)
-    db = array_at(db_at, db_n, db_like)
+    w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
+    forward_rows(x.reshape(n_batch * groups, size // (n_batch * groups)), x.reshape(n_batch * channels, hw),
+                 array_at(y_at, size, like).reshape(n_batch * channels, hw), w, b, s, t, eps, act, zero, mean, rstd)
+
+
+@njit(cache=True)
+def forward_samples_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
+                       s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
+    """forward_kernels.forward_samples: channels-last, one task per sample."""
+    size = n_batch * channels * hw
+    w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
+    forward_samples(array_at(x_at, size, like).reshape(n_batch, hw, channels),
+                    array_at(y_at, size, like).reshape(n_batch, hw, channels), w, b, s, t, eps, act, mean, rstd)
+
+
+@njit(cache=True)
+def forward_pixel_blocks_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
+                            s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
+    """forward_kernels.forward_pixel_blocks: channels-last, statistics then apply."""
+    size = n_batch * channels * hw
+    w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
+    forward_pixel_blocks(array_at(x_at, size, like).reshape(n_batch, hw, channels),
+                         array_at(y_at, size, like).reshape(n_batch, hw, channels), w, b, s, t, eps, act, zero,
+                         mean, rstd)
+
+
+# Backward entries: dy, x, dx are N * C * HW elements in x's memory order (dx unwritten
+# without need_dx); mean, rstd: N * G elements of stat_like's type; outputs sum_dz_xhat,
+# sum_dz: (N, C) arrays, and dweight, dbias: (C,) or 0 elements.
+
+@njit(cache=True)
+def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, mean_at, rstd_at, stat_like,
+                       groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like, act,
+                       zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
+    """entries.backward_rows_fused: contiguous, one task per (n, g)."""
     rows = n_batch * channels
-    if layout == BACKWARD_CHANNELS_LAST:
-        backward_channels_last(dy.reshape(n_batch, hw, channels), x.reshape(n_batch, hw, channels),
-                               dx.reshape(n_batch, hw, channels), mean, rstd, w, b, s, t, act, need_dx, zero,
-                               sum_dz_xhat, sum_dz, dw, db)
-    elif layout == BACKWARD_GROUPS:
-        backward_rows_fused(dy.reshape(rows, hw), x.reshape(rows, hw), dx.reshape(rows, hw), channels // groups,
-                            mean, rstd, w, b, s, t, act, need_dx, zero, sum_dz_xhat.reshape(rows),
-                            sum_dz.reshape(rows), dw, db)
-    else:
-        backward_rows_two_stage(dy.reshape(rows, hw), x.reshape(rows, hw), dx.reshape(rows, hw), mean, rstd,
-                                w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz, dw, db)
+    size = rows * hw
+    w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
+    backward_rows_fused(array_at(dy_at, size, like).reshape(rows, hw), array_at(x_at, size, like).reshape(rows, hw),
+                        array_at(dx_at, size, like).reshape(rows, hw), channels // groups,
+                        array_at(mean_at, n_batch * groups, stat_like).reshape(n_batch, groups),
+                        array_at(rstd_at, n_batch * groups, stat_like).reshape(n_batch, groups),
+                        w, b, s, t, act, need_dx, zero, sum_dz_xhat.reshape(rows), sum_dz.reshape(rows),
+                        array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
+
+
+@njit(cache=True)
+def backward_rows_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, mean_at, rstd_at, stat_like,
+                     groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like, act,
+                     zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
+    """entries.backward_rows_two_stage: contiguous, few groups."""
+    rows = n_batch * channels
+    size = rows * hw
+    w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
+    backward_rows_two_stage(array_at(dy_at, size, like).reshape(rows, hw),
+                            array_at(x_at, size, like).reshape(rows, hw),
+                            array_at(dx_at, size, like).reshape(rows, hw),
+                            array_at(mean_at, n_batch * groups, stat_like).reshape(n_batch, groups),
+                            array_at(rstd_at, n_batch * groups, stat_like).reshape(n_batch, groups),
+                            w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
+                            array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
+
+
+@njit(cache=True)
+def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, mean_at, rstd_at,
+                              stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at,
+                              t_n, t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n,
+                              db_like):
+    """entries.backward_channels_last: (N, HW, C)."""
+    size = n_batch * channels * hw
+    w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
+    backward_channels_last(array_at(dy_at, size, like).reshape(n_batch, hw, channels),
+                           array_at(x_at, size, like).reshape(n_batch, hw, channels),
+                           array_at(dx_at, size, like).reshape(n_batch, hw, channels),
+                           array_at(mean_at, n_batch * groups, stat_like).reshape(n_batch, groups),
+                           array_at(rstd_at, n_batch * groups, stat_like).reshape(n_batch, groups),
+                           w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
+                           array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
 
 
 def tensor_at(t: torch.Tensor):

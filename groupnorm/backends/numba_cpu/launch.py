@@ -16,9 +16,8 @@ from .activations import CODES
 from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
 from .coefs import dx_coefs, z1_coefs
 from .apply_kernels import apply_channels_last, apply_rows
-from .addresses import (BACKWARD_CHANNELS_LAST, BACKWARD_GROUPS, BACKWARD_ROWS, FORWARD_GROUPS,
-                        FORWARD_PIXEL_BLOCKS, FORWARD_ROWS, FORWARD_SAMPLES, WITNESS, backward_at, forward_at,
-                        tensor_at)
+from .addresses import (WITNESS, backward_channels_last_at, backward_groups_at, backward_rows_at,
+                        forward_groups_at, forward_pixel_blocks_at, forward_rows_at, forward_samples_at, tensor_at)
 from .forward_kernels import GROUP_TASKS_MIN, channels_last_per_sample
 from .numpy_views import HALF, as_numpy, pixels_view
 from .stats_kernels import stats_channels_last, stats_rows
@@ -103,11 +102,11 @@ def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
     if scale is not None or shift is not None:
         s, t = param_tensor(scale, acc), param_tensor(shift, acc)
     if channels_last:
-        layout = FORWARD_SAMPLES if channels_last_per_sample(n, hw * c) else FORWARD_PIXEL_BLOCKS
+        entry = forward_samples_at if channels_last_per_sample(n, hw * c) else forward_pixel_blocks_at
     else:
-        layout = FORWARD_GROUPS if n * num_groups >= GROUP_TASKS_MIN else FORWARD_ROWS
-    forward_at(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, layout, *_at(w, acc), *_at(b, acc),
-               *_at(s, acc), *_at(t, acc), float(eps), CODES[activation], _ZERO[acc], mean_np, rstd_np)
+        entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
+    entry(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, *_at(w, acc), *_at(b, acc), *_at(s, acc),
+          *_at(t, acc), float(eps), CODES[activation], _ZERO[acc], mean_np, rstd_np)
     return y, mean, rstd
 
 
@@ -233,13 +232,12 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     m, r = stat_tensor(mean, acc), stat_tensor(rstd, acc)
     dy = like_layout(dy, x)
     if channels_last:
-        layout = BACKWARD_CHANNELS_LAST
+        entry = backward_channels_last_at
     else:
-        layout = BACKWARD_GROUPS if n * num_groups >= GROUP_TASKS_MIN else BACKWARD_ROWS
-    backward_at(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
-                layout, bool(need_dx), m.data_ptr(), r.data_ptr(), WITNESS[acc], num_groups,
-                *_at(w, acc), *_at(b, acc), *_at(s, acc), *_at(t, acc), CODES[activation], _ZERO[acc], s1, s0,
-                *_at(dw, acc), *_at(db, acc))
+        entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
+    entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
+          bool(need_dx), m.data_ptr(), r.data_ptr(), WITNESS[acc], num_groups, *_at(w, acc), *_at(b, acc),
+          *_at(s, acc), *_at(t, acc), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
     return sum_dz_xhat, sum_dz, dx, dw, db
 
 
