@@ -64,4 +64,4 @@ def _needs_grad(x, weight, bias, scale, shift) -> bool:
 def group_norm(x, weight, bias, scale, shift, num_groups: int, eps: float, activation: str) -> Tensor:
     if torch.is_grad_enabled() and _needs_grad(x, weight, bias, scale, shift):
         return GroupNormFunction.apply(x, weight, bias, scale, shift, num_groups, eps, activation)
-    return ops.forward_impl(x, weight, bias, scale, shift, num_groups, eps, activation)[0]
+    return ops.output_impl(x, weight, bias, scale, shift, num_groups, eps, activation)

@@ -88,7 +88,9 @@ _FLOAT_SET = frozenset(FLOAT_DTYPES)
 def _plain_param_ok(t, x: torch.Tensor, channels: int) -> bool:
     if t is None:
         return True
-    if type(t) is not torch.Tensor or t.dim() != 1 or t.shape[0] != channels or t.device != x.device:
+    if type(t) is not torch.Tensor or t.shape != (channels,):
+        return False
+    if not (t.is_cpu and x.is_cpu) and t.device != x.device:   # is_cpu: no device objects
         return False
     return t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in HALF_DTYPES)
 

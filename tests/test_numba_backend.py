@@ -99,6 +99,22 @@ def test_forward_matches_reference_and_torch(shape, groups, cl, dtype):
     torch.testing.assert_close(y.double(), ty.double(), atol=2 * ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("shape,groups,cl,dtype,act,scaled",
+                         [case + (dtype, "none", False) for case in CASES for dtype in DTYPES]
+                         + [case + (torch.float32, "silu", True) for case in CASES[:2]])
+def test_forward_output_is_forwards_y(shape, groups, cl, dtype, act, scaled):
+    """The inference entry (statistics never made tensors) writes every element of the same y."""
+    x = make_x(shape, dtype, cl, seed=3)
+    w, b, s, t = make_params(shape[1], shape[0], dtype, scaled=scaled, seed=4)
+    y = numba_cpu.forward_output(x, w, b, s, t, groups, 1e-5, act)
+    same_layout(y, x)
+    want = numba_cpu.forward(x, w, b, s, t, groups, 1e-5, act)[0]
+    assert not torch.isnan(y).any()
+    assert torch.equal(y, want)
+    ry = reference.forward(x.double(), f64(w), f64(b), f64(s), f64(t), groups, 1e-5, act)[0]
+    torch.testing.assert_close(y.double(), ry, atol=2 * ATOL[dtype], rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups,cl", CASES[:2] + CASES[4:5] + CASES[6:7])
 def test_stats(shape, groups, cl, dtype):

@@ -1,7 +1,7 @@
 """Numba CPU backend: the five contract functions (see ``groupnorm.backends``), plus
-``backward_fused`` (both backward stages in one call, for a backward with no all-reduce
-between them; see launch.backward_fused) and ``backward_grads`` (the same, returning the
-input gradients themselves).
+``forward_output`` (y alone, for inference), ``backward_fused`` (both backward stages in
+one call, for a backward with no all-reduce between them; see launch.backward_fused) and
+``backward_grads`` (the same, returning the input gradients themselves).
 
 Modules, one job each: ``bits`` (half <-> float32 bit conversion), ``elements`` (typed
 load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
@@ -12,8 +12,8 @@ load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
 imported first, before any kernel is decorated.
 """
 from . import cache_stamp  # noqa: F401  (first: see cache_stamp)
-from .launch import apply, backward_dx, backward_fused, backward_grads, backward_reduce, forward, stats
+from .launch import apply, backward_dx, backward_fused, backward_grads, backward_reduce, forward, forward_output, stats
 from .warmup import compile_time_report, warmup
 
-__all__ = ["forward", "stats", "apply", "backward_reduce", "backward_dx", "backward_fused", "backward_grads", "warmup",
+__all__ = ["forward", "forward_output", "stats", "apply", "backward_reduce", "backward_dx", "backward_fused", "backward_grads", "warmup",
            "compile_time_report"]

@@ -25,6 +25,7 @@ from .threads import sync_with_torch
 
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
+_NUMPY_ACC = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,15 +88,33 @@ def _at(t, acc: torch.dtype):
 
 
 def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
-    sync_with_torch(x.numel())
-    shape = x.shape
-    n, c = shape[0], shape[1]
-    hw = x.numel() // (n * c)
+    n = x.shape[0]
     acc = acc_dtype(x.dtype)
-    channels_last = is_channels_last(x)
-    y, _ = alloc.output_tensor_like(x, channels_last)
     mean, mean_np = alloc.empty_pair((n, num_groups), acc)
     rstd, rstd_np = alloc.empty_pair((n, num_groups), acc)
+    y = _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, mean_np, rstd_np)
+    return y, mean, rstd
+
+
+def forward_output(x, weight, bias, scale, shift, num_groups, eps, activation):
+    """forward's y alone, for a call nothing differentiates (inference): the statistics go
+    to a numpy scratch that is never wrapped as tensors (two ``torch.from_numpy`` and an
+    allocation less, a few microseconds of a small shape's call). An optional extension
+    of the backend contract, like backward_fused."""
+    acc = acc_dtype(x.dtype)
+    stats = np.empty((2, x.shape[0], num_groups), _NUMPY_ACC[acc])
+    return _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, stats[0], stats[1])
+
+
+def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, mean_np, rstd_np):
+    """y of the forward, the statistics written into mean_np, rstd_np ((N, G) arrays)."""
+    numel = x.numel()
+    sync_with_torch(numel)
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    hw = numel // (n * c)
+    channels_last = is_channels_last(x)
+    y, _ = alloc.output_tensor_like(x, channels_last)
     # Prepared parameters stay referenced (locals) until the kernel has run.
     w, b = param_tensor(weight, acc), param_tensor(bias, acc)
     s = t = None
@@ -107,7 +126,7 @@ def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
         entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
     entry(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, *_at(w, acc), *_at(b, acc), *_at(s, acc),
           *_at(t, acc), float(eps), CODES[activation], _ZERO[acc], mean_np, rstd_np)
-    return y, mean, rstd
+    return y
 
 
 def stats(x, num_groups):
