@@ -18,5 +18,9 @@ float64 ``x``, and contiguous. Outputs shaped like ``x`` keep x's dtype and memo
 ``backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat,
     count, num_groups, activation) -> dx``
 
+Optional extensions a backend may add (the op layer uses them when present):
+``forward_output(...)`` with forward's arguments -> y alone (an inference call, where
+nothing needs the statistics); ``backward_fused`` / ``backward_grads`` (see numba_cpu).
+
 ``groupnorm.reference`` is the specification: each backend must match it.
 """

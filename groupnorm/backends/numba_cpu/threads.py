@@ -1,4 +1,10 @@
-"""Numba's worker count follows torch's, so the two pools never oversubscribe the cores.
+"""Numba's worker count follows torch's, so the two never oversubscribe the cores.
+
+With the Linux torch wheels the two even share one OpenMP runtime: torch loads its bundled
+libgomp into the global symbol scope, and Numba's OpenMP layer (which names the system
+``libgomp.so.1.0.0``) binds ``GOMP_parallel`` and ``omp_*`` there first (checked with
+``LD_DEBUG=bindings``; one worker thread runs both libraries' regions). That is also why a
+Numba pool start could reset torch's thread count (see start_pool).
 
 Results never depend on this number: every kernel partitions its work by shape only.
 """
