@@ -237,12 +237,20 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     n, c = shape[0], shape[1]
     hw = x.numel() // (n * c)
     acc = acc_dtype(x.dtype)
-    sum_dz_xhat, s1 = alloc.empty_pair((n, c), acc)
-    sum_dz, s0 = alloc.empty_pair((n, c), acc)
+    if param_sums:
+        # dweight/dbias come out of the entry and the caller drops the (N, C) sums: they
+        # stay a numpy scratch (two torch.from_numpy less per call).
+        sums = np.empty((2, n, c), _NUMPY_ACC[acc])
+        sum_dz_xhat = sum_dz = None
+        s1, s0 = sums[0], sums[1]
+    else:
+        sum_dz_xhat, s1 = alloc.empty_pair((n, c), acc)
+        sum_dz, s0 = alloc.empty_pair((n, c), acc)
     channels_last = is_channels_last(x)
     dx = alloc.output_tensor_like(x, channels_last)[0] if need_dx else None
-    dw = alloc.empty((c,), weight.dtype) if param_sums and weight is not None else None
-    db = alloc.empty((c,), bias.dtype) if param_sums and bias is not None else None
+    # (C,) like the parameter: torch.empty_like(w) costs half of torch.empty((c,), dtype=...)
+    dw = alloc.empty_like(weight) if param_sums and weight is not None else None
+    db = alloc.empty_like(bias) if param_sums and bias is not None else None
     # Prepared inputs stay referenced (locals) until the entry has run.
     w, b = param_tensor(weight, acc), param_tensor(bias, acc)
     s = t = None
@@ -262,7 +270,8 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
 
 def like_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dy in x's dtype and strides; a copy only when autograd hands over another layout."""
-    dy = dy.detach()
+    if dy.requires_grad:   # only under create_graph; the kernels read raw memory anyway
+        dy = dy.detach()
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
     if dy.stride() == x.stride():
