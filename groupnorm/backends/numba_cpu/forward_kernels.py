@@ -9,7 +9,6 @@ slice on a busy machine). Statistics are bitwise the same as stats_rows computes
 from __future__ import annotations
 
 import numpy as np
-import numba
 from numba import njit, prange
 
 from .apply_kernels import BLOCK, apply_channels_last, apply_pixels, apply_rows, apply_span
@@ -47,7 +46,7 @@ def forward_rows(x_groups, x_rows, y_rows, weight, bias, scale, shift, eps, act,
     apply_rows(x_rows, y_rows, mean_c.reshape(rows), a.reshape(rows), b.reshape(rows), act)
 
 
-def channels_last_per_sample(n_batch: int, sample_elements: int) -> bool:
+def channels_last_per_sample(n_batch: int, sample_elements: int, threads: int) -> bool:
     """Which channels-last forward runs: forward_samples (True) or forward_pixel_blocks.
 
     Small samples (at most SAMPLE_TASK_MAX elements) and at least as many samples as
@@ -58,9 +57,10 @@ def channels_last_per_sample(n_batch: int, sample_elements: int) -> bool:
     apply. Both paths form the same block partials and merge them in the same order,
     so the choice (the only thing the thread count decides) never changes a bit of the
     result. Plain Python: a compiled function that asks for the thread count cannot be
-    cached.
+    cached. threads: what threads.sync_with_torch set for this call (asking Numba again
+    costs ~1.2 us).
     """
-    return sample_elements <= SAMPLE_TASK_MAX and n_batch >= numba.get_num_threads()
+    return sample_elements <= SAMPLE_TASK_MAX and n_batch >= threads
 
 
 @njit(**JIT)

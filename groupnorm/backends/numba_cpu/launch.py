@@ -81,10 +81,28 @@ def stat(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
 
 
 def _at(t, acc: torch.dtype):
-    """(address, element count, witness) of a prepared parameter; absent: 0 elements."""
+    """(address, element count, witness) of an output vector (dweight, dbias) as
+    allocated; absent: 0 elements."""
     if t is None:
         return 0, 0, WITNESS[acc]
     return tensor_at(t)
+
+
+_ABSENT = {acc: (0, 0, WITNESS[acc]) for acc in _ZERO}
+
+
+def _param_at(t, acc: torch.dtype, keep: list):
+    """(address, element count, witness) of weight/bias/scale/shift as the kernels read
+    them (see param_tensor); absent: 0 elements. A converted copy goes into keep, which
+    the caller holds until the entry has run. One Python call per parameter, not three:
+    right after a kernel has run, each Python call costs ~3x its isolated time (measured:
+    the glue of a 2x1280x8x8 forward is ~5 us alone, 20-28 us between kernel calls)."""
+    if t is None:
+        return _ABSENT[acc]
+    if (t.dtype != acc and t.dtype not in HALF) or not t.is_contiguous():
+        t = param_tensor(t, acc)
+        keep.append(t)
+    return t.data_ptr(), t.numel(), WITNESS[t.dtype]
 
 
 def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
@@ -109,23 +127,20 @@ def forward_output(x, weight, bias, scale, shift, num_groups, eps, activation):
 def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, mean_np, rstd_np):
     """y of the forward, the statistics written into mean_np, rstd_np ((N, G) arrays)."""
     numel = x.numel()
-    sync_with_torch(numel)
+    threads = sync_with_torch(numel)
     shape = x.shape
     n, c = shape[0], shape[1]
     hw = numel // (n * c)
     channels_last = is_channels_last(x)
     y, _ = alloc.output_tensor_like(x, channels_last)
-    # Prepared parameters stay referenced (locals) until the kernel has run.
-    w, b = param_tensor(weight, acc), param_tensor(bias, acc)
-    s = t = None
-    if scale is not None or shift is not None:
-        s, t = param_tensor(scale, acc), param_tensor(shift, acc)
     if channels_last:
-        entry = forward_samples_at if channels_last_per_sample(n, hw * c) else forward_pixel_blocks_at
+        entry = forward_samples_at if channels_last_per_sample(n, hw * c, threads) else forward_pixel_blocks_at
     else:
         entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
-    entry(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, *_at(w, acc), *_at(b, acc), *_at(s, acc),
-          *_at(t, acc), float(eps), CODES[activation], _ZERO[acc], mean_np, rstd_np)
+    keep = []   # converted parameters, alive until the entry has run
+    entry(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, *_param_at(weight, acc, keep),
+          *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep), float(eps),
+          CODES[activation], _ZERO[acc], mean_np, rstd_np)
     return y
 
 
@@ -251,11 +266,8 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     # (C,) like the parameter: torch.empty_like(w) costs half of torch.empty((c,), dtype=...)
     dw = alloc.empty_like(weight) if param_sums and weight is not None else None
     db = alloc.empty_like(bias) if param_sums and bias is not None else None
-    # Prepared inputs stay referenced (locals) until the entry has run.
-    w, b = param_tensor(weight, acc), param_tensor(bias, acc)
-    s = t = None
-    if scale is not None or shift is not None:
-        s, t = param_tensor(scale, acc), param_tensor(shift, acc)
+    # Prepared inputs stay referenced (locals, keep) until the entry has run.
+    keep = []
     m, r = stat_tensor(mean, acc), stat_tensor(rstd, acc)
     dy = like_layout(dy, x)
     if channels_last:
@@ -263,8 +275,9 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     else:
         entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
-          bool(need_dx), m.data_ptr(), r.data_ptr(), WITNESS[acc], num_groups, *_at(w, acc), *_at(b, acc),
-          *_at(s, acc), *_at(t, acc), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
+          bool(need_dx), m.data_ptr(), r.data_ptr(), WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
+          *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep),
+          CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
     return sum_dz_xhat, sum_dz, dx, dw, db
 
 
