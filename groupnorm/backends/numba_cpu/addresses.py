@@ -115,19 +115,31 @@ def forward_pixel_blocks_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, 
 # sum_dz: (N, C) arrays, and dweight, dbias: (C,) or 0 elements.
 
 @njit(cache=True)
+def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_like, n_batch, groups):
+    """(dy, x, dx, mean, rstd) of a backward entry: the three data arrays in ``shape``
+    (rows or pixels), the statistics as (N, G)."""
+    size = 1
+    for d in shape:
+        size *= d
+    stats = n_batch * groups
+    return (array_at(dy_at, size, like).reshape(shape), array_at(x_at, size, like).reshape(shape),
+            array_at(dx_at, size, like).reshape(shape),
+            array_at(mean_at, stats, stat_like).reshape(n_batch, groups),
+            array_at(rstd_at, stats, stat_like).reshape(n_batch, groups))
+
+
+@njit(cache=True)
 def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, mean_at, rstd_at, stat_like,
                        groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like, act,
                        zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
     """entries.backward_rows_fused: contiguous, one task per (n, g)."""
     rows = n_batch * channels
-    size = rows * hw
+    dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (rows, hw), mean_at, rstd_at,
+                                               stat_like, n_batch, groups)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
-    backward_rows_fused(array_at(dy_at, size, like).reshape(rows, hw), array_at(x_at, size, like).reshape(rows, hw),
-                        array_at(dx_at, size, like).reshape(rows, hw), channels // groups,
-                        array_at(mean_at, n_batch * groups, stat_like).reshape(n_batch, groups),
-                        array_at(rstd_at, n_batch * groups, stat_like).reshape(n_batch, groups),
-                        w, b, s, t, act, need_dx, zero, sum_dz_xhat.reshape(rows), sum_dz.reshape(rows),
-                        array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
+    backward_rows_fused(dy, x, dx, channels // groups, mean, rstd, w, b, s, t, act, need_dx, zero,
+                        sum_dz_xhat.reshape(rows), sum_dz.reshape(rows), array_at(dw_at, dw_n, dw_like),
+                        array_at(db_at, db_n, db_like))
 
 
 @njit(cache=True)
@@ -135,15 +147,10 @@ def backward_rows_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, m
                      groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like, act,
                      zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
     """entries.backward_rows_two_stage: contiguous, few groups."""
-    rows = n_batch * channels
-    size = rows * hw
+    dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (n_batch * channels, hw), mean_at,
+                                               rstd_at, stat_like, n_batch, groups)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
-    backward_rows_two_stage(array_at(dy_at, size, like).reshape(rows, hw),
-                            array_at(x_at, size, like).reshape(rows, hw),
-                            array_at(dx_at, size, like).reshape(rows, hw),
-                            array_at(mean_at, n_batch * groups, stat_like).reshape(n_batch, groups),
-                            array_at(rstd_at, n_batch * groups, stat_like).reshape(n_batch, groups),
-                            w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
+    backward_rows_two_stage(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
                             array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
 
 
@@ -153,14 +160,10 @@ def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, n
                               t_n, t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n,
                               db_like):
     """entries.backward_channels_last: (N, HW, C)."""
-    size = n_batch * channels * hw
+    dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (n_batch, hw, channels), mean_at,
+                                               rstd_at, stat_like, n_batch, groups)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
-    backward_channels_last(array_at(dy_at, size, like).reshape(n_batch, hw, channels),
-                           array_at(x_at, size, like).reshape(n_batch, hw, channels),
-                           array_at(dx_at, size, like).reshape(n_batch, hw, channels),
-                           array_at(mean_at, n_batch * groups, stat_like).reshape(n_batch, groups),
-                           array_at(rstd_at, n_batch * groups, stat_like).reshape(n_batch, groups),
-                           w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
+    backward_channels_last(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
                            array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
 
 
