@@ -63,35 +63,37 @@ def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n
 
 
 # Forward entries: x, y are N * C * HW elements in x's memory order; mean, rstd (N, G)
-# outputs; the same arguments for each, so the launcher calls whichever it picked.
+# outputs; stream: write y with streaming stores (forward_samples' small samples never
+# are); the same arguments for each, so the launcher calls whichever it picked.
 
 @njit(cache=True)
 def forward_groups_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
-                      s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
+                      s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
     """forward_kernels.forward_groups: contiguous, one task per (n, g)."""
     rows = n_batch * mean.shape[1]
     size = n_batch * channels * hw
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
     forward_groups(array_at(x_at, size, like).reshape(rows, size // rows),
                    array_at(y_at, size, like).reshape(rows, size // rows), hw, w, b, s, t, eps, act, zero, mean,
-                   rstd)
+                   rstd, stream)
 
 
 @njit(cache=True)
 def forward_rows_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
-                    s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
+                    s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
     """forward_kernels.forward_rows: contiguous, few groups."""
     groups = mean.shape[1]
     size = n_batch * channels * hw
     x = array_at(x_at, size, like)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
     forward_rows(x.reshape(n_batch * groups, size // (n_batch * groups)), x.reshape(n_batch * channels, hw),
-                 array_at(y_at, size, like).reshape(n_batch * channels, hw), w, b, s, t, eps, act, zero, mean, rstd)
+                 array_at(y_at, size, like).reshape(n_batch * channels, hw), w, b, s, t, eps, act, zero, mean,
+                 rstd, stream)
 
 
 @njit(cache=True)
 def forward_samples_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
-                       s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
+                       s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
     """forward_kernels.forward_samples: channels-last, one task per sample."""
     size = n_batch * channels * hw
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
@@ -101,18 +103,19 @@ def forward_samples_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_lik
 
 @njit(cache=True)
 def forward_pixel_blocks_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
-                            s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd):
+                            s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
     """forward_kernels.forward_pixel_blocks: channels-last, statistics then apply."""
     size = n_batch * channels * hw
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
     forward_pixel_blocks(array_at(x_at, size, like).reshape(n_batch, hw, channels),
                          array_at(y_at, size, like).reshape(n_batch, hw, channels), w, b, s, t, eps, act, zero,
-                         mean, rstd)
+                         mean, rstd, stream)
 
 
 # Backward entries: dy, x, dx are N * C * HW elements in x's memory order (dx unwritten
-# without need_dx); mean, rstd: N * G elements of stat_like's type; outputs sum_dz_xhat,
-# sum_dz: (N, C) arrays, and dweight, dbias: (C,) or 0 elements.
+# without need_dx, written with streaming stores when stream); mean, rstd: N * G
+# elements of stat_like's type; outputs sum_dz_xhat, sum_dz: (N, C) arrays, and
+# dweight, dbias: (C,) or 0 elements.
 
 @njit(cache=True)
 def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_like, n_batch, groups):
@@ -129,33 +132,33 @@ def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_l
 
 
 @njit(cache=True)
-def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, mean_at, rstd_at, stat_like,
-                       groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like, act,
-                       zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
+def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
+                       stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n,
+                       t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
     """entries.backward_rows_fused: contiguous, one task per (n, g)."""
     rows = n_batch * channels
     dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (rows, hw), mean_at, rstd_at,
                                                stat_like, n_batch, groups)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
-    backward_rows_fused(dy, x, dx, channels // groups, mean, rstd, w, b, s, t, act, need_dx, zero,
+    backward_rows_fused(dy, x, dx, channels // groups, mean, rstd, w, b, s, t, act, need_dx, stream, zero,
                         sum_dz_xhat.reshape(rows), sum_dz.reshape(rows), array_at(dw_at, dw_n, dw_like),
                         array_at(db_at, db_n, db_like))
 
 
 @njit(cache=True)
-def backward_rows_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, mean_at, rstd_at, stat_like,
-                     groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like, act,
-                     zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
+def backward_rows_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
+                     stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like,
+                     act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
     """entries.backward_rows_two_stage: contiguous, few groups."""
     dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (n_batch * channels, hw), mean_at,
                                                rstd_at, stat_like, n_batch, groups)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
-    backward_rows_two_stage(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
+    backward_rows_two_stage(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, stream, zero, sum_dz_xhat, sum_dz,
                             array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
 
 
 @njit(cache=True)
-def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, mean_at, rstd_at,
+def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                               stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at,
                               t_n, t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n,
                               db_like):
@@ -163,7 +166,7 @@ def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, n
     dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (n_batch, hw, channels), mean_at,
                                                rstd_at, stat_like, n_batch, groups)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
-    backward_channels_last(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
+    backward_channels_last(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, stream, zero, sum_dz_xhat, sum_dz,
                            array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
 
 

@@ -13,9 +13,11 @@ from numba import njit, prange
 from .activations import NONE, activate_block
 from .elements import load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
+from .streaming import stream_span, store_fence
 
 BLOCK = 512           # staging buffer length for activations
 PIXEL_CHUNK = 16384   # channels-last: elements per parallel task (rows = PIXEL_CHUNK // C)
+STREAM_SPAN = 2048    # values staged per streamed piece (8 KB of float32: stays in L1)
 JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
 
 
@@ -44,6 +46,35 @@ def apply_span(xr, yr, start, length, m, ar, br, act, buf):
 
 
 @njit(**JIT)
+def apply_span_streamed(xr, yr, start, length, m, ar, br, act, buf, out):
+    """apply_span for an output written with streaming stores: each piece of up to
+    out.size values is computed into out (y's dtype, so the same rounding as a direct
+    store) and streamed to yr[start:start + length]. buf: float scratch as long as out
+    (activations only)."""
+    span = out.shape[0]
+    for lo in range(0, length, span):
+        count = min(span, length - lo)
+        xs = xr[start + lo:start + lo + count]
+        if act == NONE:
+            for j in range(count):
+                store(out, j, (load(xs, j) - m) * ar + br)
+        else:
+            for j in range(count):
+                buf[j] = (load(xs, j) - m) * ar + br
+            activate_block(buf, count, act)
+            for j in range(count):
+                store(out, j, buf[j])
+        stream_span(yr, start + lo, out, count)
+
+
+@njit(**JIT)
+def stream_scratch(act, length, like, out_like):
+    """(buf, out) of a streaming task: ``length`` floats of like's dtype (activations
+    only) and ``length`` elements of the output's type."""
+    return np.empty(length if act != NONE else 0, like.dtype), np.empty(length, out_like.dtype)
+
+
+@njit(**JIT)
 def apply_rows_none(x, y, lo, hi, mean_c, a, b):
     """Rows lo..hi-1 without an activation, indexing the 2-D arrays directly: no per-row
     views (each costs reference-count updates, as much as a short row's work)."""
@@ -57,8 +88,14 @@ def apply_rows_none(x, y, lo, hi, mean_c, a, b):
 
 
 @njit(**JIT)
-def apply_row_block(x, y, lo, hi, mean_c, a, b, act):
+def apply_row_block(x, y, lo, hi, mean_c, a, b, act, stream):
     """Rows lo..hi-1 of the contiguous layout, one staging buffer for all of them."""
+    if stream:
+        buf, out = stream_scratch(act, STREAM_SPAN, a, y)
+        for r in range(lo, hi):
+            apply_span_streamed(x[r], y[r], 0, x.shape[1], mean_c[r], a[r], b[r], act, buf, out)
+        store_fence()
+        return
     if act == NONE:
         apply_rows_none(x, y, lo, hi, mean_c, a, b)
         return
@@ -68,8 +105,9 @@ def apply_row_block(x, y, lo, hi, mean_c, a, b, act):
 
 
 @njit(parallel=True, **JIT)
-def apply_rows(x, y, mean_c, a, b, act):
-    """Contiguous layout. x, y: (N*C, HW); mean_c, a, b: (N*C,).
+def apply_rows(x, y, mean_c, a, b, act, stream):
+    """Contiguous layout. x, y: (N*C, HW); mean_c, a, b: (N*C,); stream: write y with
+    streaming stores (see streaming).
 
     Tasks are blocks of about PIXEL_CHUNK elements (whole rows), so small planes (HW = 64)
     do not pay a buffer allocation and a task start per row.
@@ -79,7 +117,7 @@ def apply_rows(x, y, mean_c, a, b, act):
     tasks = (rows + per_task - 1) // per_task
     for task in prange(tasks):
         lo = task * per_task
-        apply_row_block(x, y, lo, min(lo + per_task, rows), mean_c, a, b, act)
+        apply_row_block(x, y, lo, min(lo + per_task, rows), mean_c, a, b, act, stream)
 
 
 @njit(**JIT)
@@ -121,9 +159,36 @@ def apply_pixels(xn, yn, lo, hi, mc, an, bn, act, buf):
 
 
 @njit(**JIT)
-def apply_pixel_task(x, y, n, lo, hi, mean_c, a, b, act, bufs, t):
+def apply_pixels_streamed(xn, yflat, lo, hi, mc, an, bn, act, buf, out):
+    """apply_pixels for an output written with streaming stores: whole pixels computed
+    into out (y's dtype, so the same rounding as a direct store), then streamed to
+    yflat, the sample's y as (HW * C,). buf: float scratch as long as out (activations)."""
+    channels = xn.shape[1]
+    per = max(1, out.shape[0] // channels)
+    for r0 in range(lo, hi, per):
+        rows = min(per, hi - r0)
+        if act == NONE:
+            for j in range(rows):
+                base = j * channels
+                for c in range(channels):
+                    store(out, base + c, (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c])
+        else:
+            stage_z1(xn, r0, rows, mc, an, bn, buf)
+            activate_block(buf, rows * channels, act)
+            for k in range(rows * channels):
+                store(out, k, buf[k])
+        stream_span(yflat, r0 * channels, out, rows * channels)
+    store_fence()
+
+
+@njit(**JIT)
+def apply_pixel_task(x, y, n, lo, hi, mean_c, a, b, act, bufs, t, stream):
     """One task of apply_channels_last (scratch row t). The per-sample views are made
     here, in a plain callee, not in the prange body."""
+    if stream:
+        buf, out = stream_scratch(act, max(STREAM_SPAN, x.shape[2]), a, y)
+        apply_pixels_streamed(x[n], y[n].reshape(-1), lo, hi, mean_c[n], a[n], b[n], act, buf, out)
+        return
     buf = bufs[0]
     if act != NONE:
         buf = bufs[t]
@@ -131,8 +196,9 @@ def apply_pixel_task(x, y, n, lo, hi, mean_c, a, b, act, bufs, t):
 
 
 @njit(parallel=True, **JIT)
-def apply_channels_last(x, y, mean_c, a, b, act):
-    """Channels-last layout. x, y: (N, HW, C); mean_c, a, b: (N, C)."""
+def apply_channels_last(x, y, mean_c, a, b, act, stream):
+    """Channels-last layout. x, y: (N, HW, C); mean_c, a, b: (N, C); stream: write y
+    with streaming stores (see streaming)."""
     n_batch, hw, channels = x.shape
     block_rows = max(1, PIXEL_CHUNK // channels)
     blocks = (hw + block_rows - 1) // block_rows
@@ -143,4 +209,4 @@ def apply_channels_last(x, y, mean_c, a, b, act):
     for task in prange(tasks):
         n = task // blocks
         lo = (task - n * blocks) * block_rows
-        apply_pixel_task(x, y, n, lo, min(lo + block_rows, hw), mean_c, a, b, act, bufs, task)
+        apply_pixel_task(x, y, n, lo, min(lo + block_rows, hw), mean_c, a, b, act, bufs, task, stream)

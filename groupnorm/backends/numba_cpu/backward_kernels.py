@@ -22,9 +22,10 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import NONE, grad_block
-from .apply_kernels import stage_z1
+from .apply_kernels import STREAM_SPAN, stage_z1, stream_scratch
 from .elements import cast_like, load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
+from .streaming import stream_span, store_fence
 
 BLOCK = 512           # staging buffer length for act'(z1)
 PIXEL_CHUNK = 32768   # channels-last: target elements per parallel task ...
@@ -243,6 +244,29 @@ def dx_row(dr, xr, out, m, ar, br, pr, qr, act):
 
 
 @njit(**JIT)
+def dx_row_streamed(dr, xr, out_row, m, ar, br, pr, qr, act, buf, out):
+    """dx_row for an output written with streaming stores (see streaming): each piece
+    of up to out.size values is computed into out (dx's dtype, the same rounding as a
+    direct store) and streamed to out_row. buf: float scratch as long as out (activations)."""
+    length = xr.shape[0]
+    span = out.shape[0]
+    for lo in range(0, length, span):
+        count = min(span, length - lo)
+        xb = xr[lo:lo + count]
+        db = dr[lo:lo + count]
+        if act == NONE:
+            for j in range(count):
+                store(out, j, load(db, j) * ar + (load(xb, j) - m) * pr + qr)
+        else:
+            for j in range(count):
+                buf[j] = (load(xb, j) - m) * ar + br
+            grad_block(buf, count, act)
+            for j in range(count):
+                store(out, j, load(db, j) * buf[j] * ar + (load(xb, j) - m) * pr + qr)
+        stream_span(out_row, lo, out, count)
+
+
+@njit(**JIT)
 def dx_rows_none(dy, x, dx, lo, hi, mean_c, a, p, q):
     """dx_row_block without an activation, 2-D indexing (no per-row views)."""
     length = x.shape[1]
@@ -256,7 +280,13 @@ def dx_rows_none(dy, x, dx, lo, hi, mean_c, a, p, q):
 
 
 @njit(**JIT)
-def dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act):
+def dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act, stream):
+    if stream:
+        buf, out = stream_scratch(act, STREAM_SPAN, a, dx)
+        for r in range(lo, hi):
+            dx_row_streamed(dy[r], x[r], dx[r], mean_c[r], a[r], b[r], p[r], q[r], act, buf, out)
+        store_fence()
+        return
     if act == NONE:
         dx_rows_none(dy, x, dx, lo, hi, mean_c, a, p, q)
         return
@@ -265,13 +295,14 @@ def dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act):
 
 
 @njit(parallel=True, **JIT)
-def dx_rows(dy, x, dx, mean_c, a, b, p, q, act):
-    """Contiguous layout. dy, x, dx: (N*C, HW); coefficients: (N*C,)."""
+def dx_rows(dy, x, dx, mean_c, a, b, p, q, act, stream):
+    """Contiguous layout. dy, x, dx: (N*C, HW); coefficients: (N*C,); stream: write dx
+    with streaming stores (see streaming)."""
     rows, length = x.shape
     per_task = rows_per_task(length)
     for task in prange((rows + per_task - 1) // per_task):
         lo = task * per_task
-        dx_row_block(dy, x, dx, lo, min(lo + per_task, rows), mean_c, a, b, p, q, act)
+        dx_row_block(dy, x, dx, lo, min(lo + per_task, rows), mean_c, a, b, p, q, act, stream)
 
 
 @njit(**JIT)
@@ -297,8 +328,39 @@ def dx_pixels(dyn, xn, dxn, lo, hi, mc, an, bn, pn, qn, act, buf):
 
 
 @njit(**JIT)
-def dx_pixel_task(dy, x, dx, n, lo, hi, mean_c, a, b, p, q, act, bufs, t):
+def dx_pixels_streamed(dyn, xn, dx_flat, lo, hi, mc, an, bn, pn, qn, act, buf, out):
+    """dx_pixels for an output written with streaming stores: whole pixels computed into
+    out (dx's dtype), then streamed to dx_flat, the sample's dx as (HW * C,)."""
+    channels = xn.shape[1]
+    per = max(1, out.shape[0] // channels)
+    for r0 in range(lo, hi, per):
+        rows = min(per, hi - r0)
+        if act == NONE:
+            for j in range(rows):
+                base = j * channels
+                for c in range(channels):
+                    store(out, base + c, load(dyn, (r0 + j, c)) * an[c]
+                          + (load(xn, (r0 + j, c)) - mc[c]) * pn[c] + qn[c])
+        else:
+            stage_z1(xn, r0, rows, mc, an, bn, buf)
+            grad_block(buf, rows * channels, act)
+            for j in range(rows):
+                base = j * channels
+                for c in range(channels):
+                    store(out, base + c, load(dyn, (r0 + j, c)) * buf[base + c] * an[c]
+                          + (load(xn, (r0 + j, c)) - mc[c]) * pn[c] + qn[c])
+        stream_span(dx_flat, r0 * channels, out, rows * channels)
+    store_fence()
+
+
+@njit(**JIT)
+def dx_pixel_task(dy, x, dx, n, lo, hi, mean_c, a, b, p, q, act, bufs, t, stream):
     """One task of dx_channels_last (scratch row t); views made once per task."""
+    if stream:
+        buf, out = stream_scratch(act, max(STREAM_SPAN, x.shape[2]), a, dx)
+        dx_pixels_streamed(dy[n], x[n], dx[n].reshape(-1), lo, hi, mean_c[n], a[n], b[n], p[n], q[n], act,
+                           buf, out)
+        return
     buf = bufs[0]
     if act != NONE:
         buf = bufs[t]
@@ -306,8 +368,9 @@ def dx_pixel_task(dy, x, dx, n, lo, hi, mean_c, a, b, p, q, act, bufs, t):
 
 
 @njit(parallel=True, **JIT)
-def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act):
-    """Channels-last layout. dy, x, dx: (N, HW, C); coefficients: (N, C)."""
+def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act, stream):
+    """Channels-last layout. dy, x, dx: (N, HW, C); coefficients: (N, C); stream: write
+    dx with streaming stores (see streaming)."""
     n_batch, hw, channels = x.shape
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
@@ -318,12 +381,12 @@ def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act):
     for task in prange(tasks):
         n = task // blocks
         lo = (task - n * blocks) * block_rows
-        dx_pixel_task(dy, x, dx, n, lo, min(lo + block_rows, hw), mean_c, a, b, p, q, act, bufs, task)
+        dx_pixel_task(dy, x, dx, n, lo, min(lo + block_rows, hw), mean_c, a, b, p, q, act, bufs, task, stream)
 
 
 @njit(**JIT)
 def fused_group(dy, x, dx, lo, hi, count, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat,
-                sum_dz, need_dx, p, q, zero):
+                sum_dz, need_dx, p, q, zero, stream):
     """Whole backward of one group: rows lo..hi-1 of the (N*C, HW) contiguous layout.
 
     The per-(n, c) sums exactly as reduce_rows forms them, the group's dx terms (in
@@ -344,12 +407,12 @@ def fused_group(dy, x, dx, lo, hi, count, mean_c, rstd_c, a, b, gain, act, sum_d
     for r in range(lo, hi):
         p[r] = pg
         q[r] = qg
-    dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act)
+    dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act, stream)
 
 
 @njit(parallel=True, **JIT)
 def backward_fused_rows(dy, x, dx, cpg, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat, sum_dz,
-                        need_dx, zero):
+                        need_dx, zero, stream):
     """Contiguous layout, one task per (n, g) (cpg consecutive rows). dy, x, dx: (N*C, HW);
     mean_c, rstd_c, a, b, gain (= w * (1 + s), float64) and the outputs: (N*C,).
 
@@ -363,4 +426,4 @@ def backward_fused_rows(dy, x, dx, cpg, mean_c, rstd_c, a, b, gain, act, sum_dz_
     for task in prange(rows // cpg):
         lo = task * cpg
         fused_group(dy, x, dx, lo, lo + cpg, count, mean_c, rstd_c, a, b, gain, act,
-                    sum_dz_xhat, sum_dz, need_dx, p, q, zero)
+                    sum_dz_xhat, sum_dz, need_dx, p, q, zero, stream)

@@ -43,7 +43,7 @@ def param_sums(sum_dz_xhat, sum_dz, dweight, dbias):
 
 
 @njit(**JIT)
-def backward_rows_fused(dy, x, dx, cpg, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
+def backward_rows_fused(dy, x, dx, cpg, mean, rstd, weight, bias, scale, shift, act, need_dx, stream, zero,
                         sum_dz_xhat, sum_dz, dweight, dbias):
     """Contiguous layout, one task per (n, g). dy, x, dx: (N*C, HW); mean, rstd: (N, G);
     outputs sum_dz_xhat, sum_dz: (N*C,), and dweight, dbias: (C,) or size 0."""
@@ -52,7 +52,7 @@ def backward_rows_fused(dy, x, dx, cpg, mean, rstd, weight, bias, scale, shift, 
     mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
     gain = gain_coefs(weight, scale, n_batch, channels)
     backward_fused_rows(dy, x, dx, cpg, mean_c.reshape(-1), rstd_c.reshape(-1), a.reshape(-1),
-                        b.reshape(-1), gain, act, sum_dz_xhat, sum_dz, need_dx, zero)
+                        b.reshape(-1), gain, act, sum_dz_xhat, sum_dz, need_dx, zero, stream)
     param_sums(sum_dz_xhat, sum_dz, dweight, dbias)
 
 
@@ -88,7 +88,7 @@ def dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, count):
 
 
 @njit(**JIT)
-def backward_channels_last(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
+def backward_channels_last(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, stream, zero,
                            sum_dz_xhat, sum_dz, dweight, dbias):
     """Channels-last: reduce, group terms, dx. dy, x, dx: (N, HW, C); outputs (N, C),
     and dweight, dbias: (C,) or size 0."""
@@ -98,11 +98,11 @@ def backward_channels_last(dy, x, dx, mean, rstd, weight, bias, scale, shift, ac
     param_sums(sum_dz_xhat.reshape(-1), sum_dz.reshape(-1), dweight, dbias)
     if need_dx:
         p, q = dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, hw * (channels // mean.shape[1]))
-        dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act)
+        dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act, stream)
 
 
 @njit(**JIT)
-def backward_rows_two_stage(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
+def backward_rows_two_stage(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, stream, zero,
                             sum_dz_xhat, sum_dz, dweight, dbias):
     """Contiguous with few groups (parallel over rows, not groups): reduce, group terms,
     dx. dy, x, dx: (N*C, HW); outputs (N, C), and dweight, dbias: (C,) or size 0."""
@@ -114,4 +114,4 @@ def backward_rows_two_stage(dy, x, dx, mean, rstd, weight, bias, scale, shift, a
     if need_dx:
         p, q = dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, x.shape[1] * (channels // mean.shape[1]))
         dx_rows(dy, x, dx, mean_c.reshape(-1), a.reshape(-1), b.reshape(-1), p.reshape(-1),
-                q.reshape(-1), act)
+                q.reshape(-1), act, stream)

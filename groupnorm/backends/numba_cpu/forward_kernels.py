@@ -11,11 +11,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .apply_kernels import BLOCK, apply_channels_last, apply_pixels, apply_rows, apply_span
+from .apply_kernels import (BLOCK, STREAM_SPAN, apply_channels_last, apply_pixels, apply_rows, apply_span,
+                            apply_span_streamed, stream_scratch)
 from .coefs import z1_coefs, z1_coefs_sample
 from .activations import NONE
 from .elements import cast_like, load
 from .fast_store import store_out as store
+from .streaming import store_fence
 from .stats_kernels import (merge_pixel_blocks, pixel_task_moments, pixel_task_rows, row_moments,
                             stats_channels_last, stats_rows)
 
@@ -33,9 +35,10 @@ def rstd_from_m2(m2, count, eps, rstd):
 
 
 @njit(**JIT)
-def forward_rows(x_groups, x_rows, y_rows, weight, bias, scale, shift, eps, act, zero, mean, rstd):
+def forward_rows(x_groups, x_rows, y_rows, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream):
     """Contiguous layout. x_groups: (N*G, C/G*HW) and x_rows/y_rows: (N*C, HW) views of
-    the same memory; mean, rstd: (N, G) outputs."""
+    the same memory; mean, rstd: (N, G) outputs; stream: write y with streaming stores
+    (as for every forward here; see streaming)."""
     n_batch, groups = mean.shape
     channels = x_rows.shape[0] // n_batch
     m2 = np.empty_like(mean)
@@ -43,7 +46,7 @@ def forward_rows(x_groups, x_rows, y_rows, weight, bias, scale, shift, eps, act,
     rstd_from_m2(m2, x_groups.shape[1], eps, rstd)
     mean_c, _, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
     rows = n_batch * channels
-    apply_rows(x_rows, y_rows, mean_c.reshape(rows), a.reshape(rows), b.reshape(rows), act)
+    apply_rows(x_rows, y_rows, mean_c.reshape(rows), a.reshape(rows), b.reshape(rows), act, stream)
 
 
 def channels_last_per_sample(n_batch: int, sample_elements: int, threads: int) -> bool:
@@ -64,7 +67,7 @@ def channels_last_per_sample(n_batch: int, sample_elements: int, threads: int) -
 
 
 @njit(**JIT)
-def forward_pixel_blocks(x, y, weight, bias, scale, shift, eps, act, zero, mean, rstd):
+def forward_pixel_blocks(x, y, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream):
     """Channels-last, two parallel stages: statistics, then the apply."""
     n_batch, hw, channels = x.shape
     groups = mean.shape[1]
@@ -72,12 +75,13 @@ def forward_pixel_blocks(x, y, weight, bias, scale, shift, eps, act, zero, mean,
     stats_channels_last(x, groups, mean, m2, zero)
     rstd_from_m2(m2, hw * (channels // groups), eps, rstd)
     mean_c, _, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
-    apply_channels_last(x, y, mean_c, a, b, act)
+    apply_channels_last(x, y, mean_c, a, b, act, stream)
 
 
 @njit(parallel=True, **JIT)
 def forward_samples(x, y, weight, bias, scale, shift, eps, act, mean, rstd):
-    """Channels-last, one task per sample: its statistics, coefficients and apply."""
+    """Channels-last, one task per sample: its statistics, coefficients and apply. Small
+    samples only (channels_last_per_sample), so y is never streamed here."""
     n_batch, hw, channels = x.shape
     groups = mean.shape[1]
     blocks = (hw + pixel_task_rows(hw, channels) - 1) // pixel_task_rows(hw, channels)
@@ -126,15 +130,15 @@ def sample_forward(x, y, n, weight, bias, scale, shift, eps, act, mean, rstd, m2
 
 
 @njit(parallel=True, **JIT)
-def forward_groups(x_groups, y_groups, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd):
+def forward_groups(x_groups, y_groups, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream):
     """Contiguous layout, one task per (n, g). x_groups, y_groups: (N*G, C/G*HW);
     mean, rstd: (N, G) outputs."""
     for r in prange(x_groups.shape[0]):
-        group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd)
+        group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract", "nsz"})   # as apply_kernels
-def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd):
+def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream):
     """One (n, g) group of forward_groups: statistics, then the apply while it is warm.
     A plain callee (the prange body's lowering keeps LLVM from vectorising)."""
     groups = mean.shape[1]
@@ -151,6 +155,8 @@ def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, 
     rstd[n, g] = rs
     m_acc = mean[n, g]
     buf = np.empty(BLOCK if act != NONE else 0, mean.dtype)
+    if stream:   # allocated only when used: an allocation per task costs a small shape ~5%
+        sbuf, out = stream_scratch(act, STREAM_SPAN, mean, y_groups)
     for cc in range(cpg):
         c = g * cpg + cc
         w = np.float64(load(weight, c)) if weight.size else 1.0
@@ -159,9 +165,13 @@ def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, 
         t = np.float64(load(shift, n * channels + c)) if shift.size else 0.0
         a = cast_like(np.float64(rstd[n, g]) * w * s1, zero)
         b = cast_like(bb * s1 + t, zero)
-        if act == NONE:
+        if stream:
+            apply_span_streamed(xr, yr, cc * hw, hw, m_acc, a, b, act, sbuf, out)
+        elif act == NONE:
             lo = cc * hw
             for i in range(hw):
                 store(y_groups, (r, lo + i), (load(x_groups, (r, lo + i)) - m_acc) * a + b)
         else:
             apply_span(xr, yr, cc * hw, hw, m_acc, a, b, act, buf)
+    if stream:
+        store_fence()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import alloc
+from . import alloc, streaming
 from .activations import CODES
 from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
 from .coefs import dx_coefs, z1_coefs
@@ -140,8 +140,17 @@ def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, ac
     keep = []   # converted parameters, alive until the entry has run
     entry(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, *_param_at(weight, acc, keep),
           *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep), float(eps),
-          CODES[activation], _ZERO[acc], mean_np, rstd_np)
+          CODES[activation], _ZERO[acc], mean_np, rstd_np, streams(numel, x))
     return y
+
+
+def streams(numel: int, x) -> bool:
+    """Whether an output like x with numel elements is written with streaming stores (see
+    streaming: large float32/float64 outputs; the limits are read at call time, so tests
+    can lower them)."""
+    size = x.itemsize
+    return (streaming.STREAMS and size >= streaming.STREAM_MIN_ITEMSIZE
+            and numel * size >= streaming.STREAM_MIN_BYTES)
 
 
 def stats(x, num_groups):
@@ -170,11 +179,12 @@ def apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
     y, y_flat = alloc.output_like(x, channels_last)
     mean_c, _, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
     act = CODES[activation]
+    stream = streams(x.numel(), x)
     if channels_last:
-        apply_channels_last(pixels_view(x), y_flat.reshape(n, -1, c), mean_c, a, b, act)
+        apply_channels_last(pixels_view(x), y_flat.reshape(n, -1, c), mean_c, a, b, act, stream)
     else:
         apply_rows(rows_view(x, n * c), y_flat.reshape(n * c, -1), mean_c.reshape(-1), a.reshape(-1),
-                   b.reshape(-1), act)
+                   b.reshape(-1), act, stream)
     return y
 
 
@@ -209,11 +219,13 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
     p, q = dx_coefs(stat(rstd, acc), stat(sum_dxhat, acc), stat(sum_dxhat_xhat, acc), int(count), c)
     act = CODES[activation]
     dy = like_layout(dy, x)
+    stream = streams(x.numel(), x)
     if channels_last:
-        dx_channels_last(pixels_view(dy), pixels_view(x), dx_flat.reshape(n, -1, c), mean_c, a, b, p, q, act)
+        dx_channels_last(pixels_view(dy), pixels_view(x), dx_flat.reshape(n, -1, c), mean_c, a, b, p, q, act,
+                         stream)
     else:
         dx_rows(rows_view(dy, n * c), rows_view(x, n * c), dx_flat.reshape(n * c, -1), mean_c.reshape(-1),
-                a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act)
+                a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act, stream)
     return dx
 
 
@@ -275,9 +287,9 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     else:
         entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
-          bool(need_dx), m.data_ptr(), r.data_ptr(), WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
-          *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep),
-          CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
+          bool(need_dx), streams(x.numel(), x), m.data_ptr(), r.data_ptr(), WITNESS[acc], num_groups,
+          *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
+          *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
     return sum_dz_xhat, sum_dz, dx, dw, db
 
 

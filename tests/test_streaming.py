@@ -1,0 +1,135 @@
+"""Streaming (non-temporal) stores: the same bits as plain stores, every element written.
+
+The launcher streams only outputs of at least STREAM_MIN_BYTES; these tests lower the
+threshold so small shapes take the streamed code, and compare it with the plain one on
+the same inputs (outputs NaN-poisoned first) and with the float64 reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("numba")
+
+from groupnorm import reference  # noqa: E402
+from groupnorm.backends import numba_cpu  # noqa: E402
+from groupnorm.backends.numba_cpu import forward_kernels, launch, streaming  # noqa: E402
+from test_numba_backend import ATOL, f64, make_params, make_x, poisoned_outputs, same_layout  # noqa: E402,F401
+
+pytestmark = pytest.mark.skipif(not streaming.STREAMS, reason="streaming stores are x86 only")
+
+# (shape, groups, channels_last): contiguous with N*G >= 8 (one task per group) and with
+# few groups (row tasks), rows longer than a streamed piece (2250 > STREAM_SPAN) and odd
+# rows (unaligned piece starts); channels-last with C a multiple of 8 and odd C, and 5-D.
+CASES = [
+    ((2, 12, 50, 45), 4, False),
+    ((1, 6, 17, 23), 3, False),
+    ((2, 64, 9, 7), 8, True),
+    ((1, 600, 5, 7), 4, True),
+    ((2, 10, 3, 4, 5), 2, True),
+]
+
+
+def _run(monkeypatch, stream, fn, *args):
+    monkeypatch.setattr(streaming, "STREAM_MIN_BYTES", 0 if stream else 1 << 62)
+    monkeypatch.setattr(streaming, "STREAM_MIN_ITEMSIZE", 0)   # half types too
+    monkeypatch.setattr(forward_kernels, "SAMPLE_TASK_MAX", 0)   # channels-last: the pixel-block path
+    return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,groups,cl", CASES)
+@pytest.mark.parametrize("act,scaled", [("none", False), ("silu", True)])
+def test_streamed_forward_equals_plain(monkeypatch, shape, groups, cl, dtype, act, scaled):
+    x = make_x(shape, dtype, cl, seed=5)
+    w, b, s, t = make_params(shape[1], shape[0], dtype, scaled=scaled, seed=6)
+    args = (x, w, b, s, t, groups, 1e-5, act)
+    plain = _run(monkeypatch, False, numba_cpu.forward, *args)
+    streamed = _run(monkeypatch, True, numba_cpu.forward, *args)
+    same_layout(streamed[0], x)
+    assert not torch.isnan(streamed[0]).any()
+    for got, want in zip(streamed, plain):
+        assert torch.equal(got, want)
+    ry = reference.forward(x.double(), f64(w), f64(b), f64(s), f64(t), groups, 1e-5, act)[0]
+    torch.testing.assert_close(streamed[0].double(), ry, atol=2 * ATOL[dtype], rtol=0)
+    mean, rstd = plain[1], plain[2]
+    applied = _run(monkeypatch, True, numba_cpu.apply, x, mean, rstd, w, b, s, t, groups, act)
+    assert torch.equal(applied, _run(monkeypatch, False, numba_cpu.apply, x, mean, rstd, w, b, s, t, groups, act))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,groups,cl", CASES)
+@pytest.mark.parametrize("act,scaled", [("none", False), ("mish", True)])
+def test_streamed_backward_equals_plain(monkeypatch, shape, groups, cl, dtype, act, scaled):
+    """The one-call backward (every entry: per group, two-stage rows, channels-last) and
+    the two-stage backward_dx, streamed and plain."""
+    x = make_x(shape, dtype, cl, seed=9)
+    dy = make_x(shape, dtype, cl, seed=10)
+    w, b, s, t = make_params(shape[1], shape[0], dtype, scaled=scaled, seed=11)
+    _, mean, rstd = numba_cpu.forward(x, w, b, s, t, groups, 1e-5, act)
+    args = (dy, x, mean, rstd, w, b, s, t, groups, act)
+    plain = _run(monkeypatch, False, numba_cpu.backward_grads, *args)
+    streamed = _run(monkeypatch, True, numba_cpu.backward_grads, *args)
+    same_layout(streamed[0], x)
+    assert not torch.isnan(streamed[0]).any()
+    for got, want in zip(streamed, plain):
+        assert (got is None and want is None) or torch.equal(got, want)
+    xd, md, rd = x.double(), mean.double(), rstd.double()
+    params = (f64(w), f64(b), f64(s), f64(t))
+    rs1, rs0 = reference.backward_reduce(dy.double(), xd, md, rd, *params, groups, act)
+    gain = torch.ones_like(rs1)
+    if s is not None:
+        gain = gain * (1 + s.double())
+    if w is not None:
+        gain = gain * w.double()
+    g1 = (rs0 * gain).view(shape[0], groups, -1).sum(-1)
+    g2 = (rs1 * gain).view(shape[0], groups, -1).sum(-1)
+    count = x.numel() // (shape[0] * groups)
+    rdx = reference.backward_dx(dy.double(), xd, md, rd, *params, g1, g2, count, groups, act)
+    torch.testing.assert_close(streamed[0].double(), rdx, atol=4 * ATOL[dtype], rtol=4 * ATOL[dtype])
+    dx_args = args[:-2] + (g1.to(mean.dtype), g2.to(mean.dtype), count, groups, act)
+    dx = _run(monkeypatch, True, numba_cpu.backward_dx, *dx_args)
+    assert not torch.isnan(dx).any()
+    assert torch.equal(dx, _run(monkeypatch, False, numba_cpu.backward_dx, *dx_args))
+
+
+def test_only_large_outputs_stream():
+    big = torch.empty(1, 8, 512, 520)   # 8.1 MiB of float32
+    assert launch.streams(big.numel(), big)
+    assert not launch.streams(big.numel() // 2, big)
+    assert not launch.streams(big.numel(), big.bfloat16())
+    assert not launch.streams(2 * big.numel(), big.bfloat16())   # 16 MiB of a half type
+    assert launch.streams(big.numel(), big.double())
+
+
+def test_large_forward_through_the_api_matches_torch():
+    """At the default threshold: a float32 channels-last input over STREAM_MIN_BYTES."""
+    g = torch.Generator().manual_seed(8)
+    x = (0.7 + torch.randn(1, 32, 256, 260, generator=g)).to(memory_format=torch.channels_last)
+    w = torch.randn(32, generator=g)
+    b = torch.randn(32, generator=g)
+    assert launch.streams(x.numel(), x)
+    y = numba_cpu.forward(x, w, b, None, None, 8, 1e-5, "none")[0]
+    same_layout(y, x)
+    torch.testing.assert_close(y, F.group_norm(x, 8, w, b, 1e-5), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_stream_span_writes_exactly_its_span(dtype):
+    """Every start offset within a 32-byte chunk and counts below, at and over a chunk:
+    the span equals the source, the elements around it keep their sentinel."""
+    per = streaming.CHUNK_BYTES // np.dtype(dtype).itemsize
+    base = torch.zeros(8 * per, dtype=torch.int64).numpy().view(dtype)   # 64-byte aligned
+    src = (np.arange(5 * per) + 1).astype(dtype)
+    for start in range(per + 1):
+        for count in (0, 1, per - 1, per, per + 1, 3 * per + 2):
+            dst = np.zeros_like(base)
+            streaming_span(dst, start, src, count)
+            assert np.array_equal(dst[start:start + count], src[:count])
+            assert not dst[:start].any() and not dst[start + count:].any()
+
+
+def streaming_span(dst, start, src, count):
+    streaming.stream_span(dst, start, src, count)
