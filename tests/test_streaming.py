@@ -6,6 +6,10 @@ the same inputs (outputs NaN-poisoned first) and with the float64 reference.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +106,15 @@ def test_only_large_outputs_stream():
     assert not launch.streams(big.numel(), big.bfloat16())
     assert not launch.streams(2 * big.numel(), big.bfloat16())   # 16 MiB of a half type
     assert launch.streams(big.numel(), big.double())
+
+
+def test_streaming_can_be_turned_off():
+    """GROUPNORM_STREAMING=0 (read at import) keeps every output on plain stores."""
+    code = ("from groupnorm.backends.numba_cpu import launch, streaming; import torch; "
+            "big = torch.empty(1, 8, 512, 520); print(streaming.STREAMS, launch.streams(big.numel(), big))")
+    env = dict(os.environ, GROUPNORM_STREAMING="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
 
 
 def test_large_forward_through_the_api_matches_torch():

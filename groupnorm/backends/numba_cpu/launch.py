@@ -80,15 +80,15 @@ def stat(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     return stat_tensor(t, acc).numpy(force=True)
 
 
+_ABSENT = {acc: (0, 0, WITNESS[acc]) for acc in _ZERO}
+
+
 def _at(t, acc: torch.dtype):
     """(address, element count, witness) of an output vector (dweight, dbias) as
     allocated; absent: 0 elements."""
     if t is None:
-        return 0, 0, WITNESS[acc]
+        return _ABSENT[acc]
     return tensor_at(t)
-
-
-_ABSENT = {acc: (0, 0, WITNESS[acc]) for acc in _ZERO}
 
 
 def _param_at(t, acc: torch.dtype, keep: list):

@@ -22,6 +22,7 @@ why the vector type and alignment are spelled out here.
 """
 from __future__ import annotations
 
+import os
 import platform
 
 from llvmlite import ir
@@ -33,7 +34,9 @@ STREAM_MIN_BYTES = 8 << 20   # outputs from this size are streamed (see above) .
 STREAM_MIN_ITEMSIZE = 4      # ... if their elements have at least this many bytes
 CHUNK_BYTES = 32             # one AVX store
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-STREAMS = X86                # elsewhere the launcher never asks for streaming
+# Elsewhere the launcher never asks for streaming; GROUPNORM_STREAMING=0 turns it off (for
+# a model whose next layer would find a mid-size output still in a large cache).
+STREAMS = X86 and os.environ.get("GROUPNORM_STREAMING", "1") != "0"
 
 
 @intrinsic
