@@ -1,6 +1,6 @@
 """Streaming (non-temporal) stores: the same bits as plain stores, every element written.
 
-The launcher streams only outputs of at least STREAM_MIN_BYTES; these tests lower the
+The launcher streams only large outputs (the limits in streaming); these tests lower the
 threshold so small shapes take the streamed code, and compare it with the plain one on
 the same inputs (outputs NaN-poisoned first) and with the float64 reference.
 """
@@ -38,6 +38,7 @@ CASES = [
 
 def _run(monkeypatch, stream, fn, *args):
     monkeypatch.setattr(streaming, "STREAM_MIN_BYTES", 0 if stream else 1 << 62)
+    monkeypatch.setattr(streaming, "STREAM_MIN_BYTES_CHANNELS_LAST", 0 if stream else 1 << 62)
     monkeypatch.setattr(streaming, "STREAM_MIN_ITEMSIZE", 0)   # half types too
     monkeypatch.setattr(forward_kernels, "SAMPLE_TASK_MAX", 0)   # channels-last: the pixel-block path
     return fn(*args)
@@ -100,30 +101,34 @@ def test_streamed_backward_equals_plain(monkeypatch, shape, groups, cl, dtype, a
 
 
 def test_only_large_outputs_stream():
-    big = torch.empty(1, 8, 512, 520)   # 8.1 MiB of float32
-    assert launch.streams(big.numel(), big)
-    assert not launch.streams(big.numel() // 2, big)
-    assert not launch.streams(big.numel(), big.bfloat16())
-    assert not launch.streams(2 * big.numel(), big.bfloat16())   # 16 MiB of a half type
-    assert launch.streams(big.numel(), big.double())
+    """float32/float64 outputs of more than 8 MiB channels-last, of 16 MiB contiguous."""
+    eight = torch.empty(1, 8, 512, 512)   # 8 MiB of float32
+    ten = torch.empty(2, 5, 512, 512)     # 10 MiB
+    sixteen = torch.empty(1, 16, 512, 512)
+    assert not launch.streams(eight.numel(), eight, True)
+    assert launch.streams(ten.numel(), ten, True)
+    assert not launch.streams(ten.numel(), ten, False)
+    assert launch.streams(sixteen.numel(), sixteen, False)
+    assert launch.streams(ten.numel(), ten.double(), True)
+    assert not launch.streams(2 * sixteen.numel(), sixteen.bfloat16(), False)   # 32 MiB of a half type
 
 
 def test_streaming_can_be_turned_off():
     """GROUPNORM_STREAMING=0 (read at import) keeps every output on plain stores."""
     code = ("from groupnorm.backends.numba_cpu import launch, streaming; import torch; "
-            "big = torch.empty(1, 8, 512, 520); print(streaming.STREAMS, launch.streams(big.numel(), big))")
+            "big = torch.empty(1, 32, 512, 520); print(streaming.STREAMS, launch.streams(big.numel(), big, True))")
     env = dict(os.environ, GROUPNORM_STREAMING="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
 
 def test_large_forward_through_the_api_matches_torch():
-    """At the default threshold: a float32 channels-last input over STREAM_MIN_BYTES."""
+    """At the default limits: a float32 channels-last input of 10 MiB streams."""
     g = torch.Generator().manual_seed(8)
-    x = (0.7 + torch.randn(1, 32, 256, 260, generator=g)).to(memory_format=torch.channels_last)
-    w = torch.randn(32, generator=g)
-    b = torch.randn(32, generator=g)
-    assert launch.streams(x.numel(), x)
+    x = (0.7 + torch.randn(1, 40, 256, 260, generator=g)).to(memory_format=torch.channels_last)
+    w = torch.randn(40, generator=g)
+    b = torch.randn(40, generator=g)
+    assert launch.streams(x.numel(), x, True)
     y = numba_cpu.forward(x, w, b, None, None, 8, 1e-5, "none")[0]
     same_layout(y, x)
     torch.testing.assert_close(y, F.group_norm(x, 8, w, b, 1e-5), atol=1e-4, rtol=0)

@@ -140,17 +140,19 @@ def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, ac
     keep = []   # converted parameters, alive until the entry has run
     entry(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, *_param_at(weight, acc, keep),
           *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep), float(eps),
-          CODES[activation], _ZERO[acc], mean_np, rstd_np, streams(numel, x))
+          CODES[activation], _ZERO[acc], mean_np, rstd_np, streams(numel, x, channels_last))
     return y
 
 
-def streams(numel: int, x) -> bool:
+def streams(numel: int, x, channels_last: bool) -> bool:
     """Whether an output like x with numel elements is written with streaming stores (see
-    streaming: large float32/float64 outputs; the limits are read at call time, so tests
-    can lower them)."""
+    streaming: large float32/float64 outputs, a lower size for channels-last, whose apply
+    re-reads x from beyond L2; the limits are read at call time, so tests can lower them)."""
     size = x.itemsize
-    return (streaming.STREAMS and size >= streaming.STREAM_MIN_ITEMSIZE
-            and numel * size >= streaming.STREAM_MIN_BYTES)
+    if not streaming.STREAMS or size < streaming.STREAM_MIN_ITEMSIZE:
+        return False
+    least = streaming.STREAM_MIN_BYTES_CHANNELS_LAST if channels_last else streaming.STREAM_MIN_BYTES
+    return numel * size >= least
 
 
 def stats(x, num_groups):
@@ -179,7 +181,7 @@ def apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
     y, y_flat = alloc.output_like(x, channels_last)
     mean_c, _, a, b = _coefs(x, mean, rstd, weight, bias, scale, shift)
     act = CODES[activation]
-    stream = streams(x.numel(), x)
+    stream = streams(x.numel(), x, channels_last)
     if channels_last:
         apply_channels_last(pixels_view(x), y_flat.reshape(n, -1, c), mean_c, a, b, act, stream)
     else:
@@ -219,7 +221,7 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
     p, q = dx_coefs(stat(rstd, acc), stat(sum_dxhat, acc), stat(sum_dxhat_xhat, acc), int(count), c)
     act = CODES[activation]
     dy = like_layout(dy, x)
-    stream = streams(x.numel(), x)
+    stream = streams(x.numel(), x, channels_last)
     if channels_last:
         dx_channels_last(pixels_view(dy), pixels_view(x), dx_flat.reshape(n, -1, c), mean_c, a, b, p, q, act,
                          stream)
@@ -287,8 +289,8 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     else:
         entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
-          bool(need_dx), streams(x.numel(), x), m.data_ptr(), r.data_ptr(), WITNESS[acc], num_groups,
-          *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
+          bool(need_dx), streams(x.numel(), x, channels_last), m.data_ptr(), r.data_ptr(), WITNESS[acc],
+          num_groups, *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
           *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
     return sum_dz_xhat, sum_dz, dx, dw, db
 

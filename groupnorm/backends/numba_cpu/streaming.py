@@ -3,14 +3,20 @@
 A plain store to a line that is not in cache first reads the line (read-for-ownership),
 so an elementwise kernel whose output misses the cache moves three bytes per output
 byte: x in, y in, y out. Streaming stores write whole 32-byte chunks past the caches
-(``vmovntps``/``vmovntdq`` on x86). Measured on the 2-core VM (old and new in one
-process, BENCHMARKS.md): float32 forward 1.5-1.6x faster channels-last at 8-10 MB,
-1.1-1.2x contiguous at 10-30 MB, backward up to 1.3x; but 0.5x at 5 MB, where the
-output would have stayed in cache and has to come back from memory, and no gain for
-bfloat16 (0.9-1.1x: its applies are bound by the conversions, not by memory). So the
-launcher streams outputs of 4-byte types and at least STREAM_MIN_BYTES (input and
-output together then exceed half of the 32 MB L3 measured on; with several cores
-sharing an L3 they would not stay cached for the next layer anyway).
+(``vmovntps``/``vmovntdq`` on x86). Whether that pays depends on whether the output
+would have stayed in cache, so on the size, the layout and how busy the shared L3 is.
+Measured on the 2-core VM (32 MB L3 shared with other jobs; old and new kernels in one
+process, BENCHMARKS.md), float32 forward, streamed vs plain:
+
+    channels-last  8 MiB: 0.87x quiet, 1.59x loaded;  10 MiB: 1.26x quiet, 1.53x loaded
+    contiguous     8 MiB: 0.74x quiet, 0.99x loaded;  10 MiB: 0.84x quiet, 1.13x loaded
+    both          30 MiB: 1.14-1.40x;  128 MiB: 1.07x;  bfloat16 outputs: 0.9-1.1x
+
+(the channels-last forward re-reads x after its statistics pass, the contiguous one
+re-reads each group from L2, so channels-last outputs leave the cache sooner; half types
+are bound by their conversions, not by memory). So the launcher streams float32/float64
+outputs of more than 8 MiB channels-last and of at least 16 MiB contiguous (input and
+output then exceed the whole L3); the backward's dx follows the same rule.
 
 Kernels compute a span into a small scratch of the output's element type (the same
 rounding as a direct store), then ``stream_span`` copies it: plain stores up to the
@@ -30,8 +36,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-STREAM_MIN_BYTES = 8 << 20   # outputs from this size are streamed (see above) ...
-STREAM_MIN_ITEMSIZE = 4      # ... if their elements have at least this many bytes
+STREAM_MIN_BYTES = 16 << 20                # contiguous outputs from this size are streamed ...
+STREAM_MIN_BYTES_CHANNELS_LAST = 9 << 20   # ... channels-last from this (see above) ...
+STREAM_MIN_ITEMSIZE = 4                    # ... if their elements have at least this many bytes
 CHUNK_BYTES = 32             # one AVX store
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Elsewhere the launcher never asks for streaming; GROUPNORM_STREAMING=0 turns it off (for
