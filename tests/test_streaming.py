@@ -39,6 +39,7 @@ CASES = [
 def _run(monkeypatch, stream, fn, *args):
     monkeypatch.setattr(streaming, "STREAM_MIN_BYTES", 0 if stream else 1 << 62)
     monkeypatch.setattr(streaming, "STREAM_MIN_BYTES_CHANNELS_LAST", 0 if stream else 1 << 62)
+    monkeypatch.setattr(streaming, "STREAM_MIN_BYTES_BACKWARD", 0 if stream else 1 << 62)
     monkeypatch.setattr(streaming, "STREAM_MIN_ITEMSIZE", 0)   # half types too
     monkeypatch.setattr(forward_kernels, "SAMPLE_TASK_MAX", 0)   # channels-last: the pixel-block path
     return fn(*args)
@@ -101,7 +102,8 @@ def test_streamed_backward_equals_plain(monkeypatch, shape, groups, cl, dtype, a
 
 
 def test_only_large_outputs_stream():
-    """float32/float64 outputs of more than 8 MiB channels-last, of 16 MiB contiguous."""
+    """float32/float64 outputs of more than 8 MiB channels-last, of 16 MiB contiguous;
+    dx from 8 MiB."""
     eight = torch.empty(1, 8, 512, 512)   # 8 MiB of float32
     ten = torch.empty(2, 5, 512, 512)     # 10 MiB
     sixteen = torch.empty(1, 16, 512, 512)
@@ -111,6 +113,9 @@ def test_only_large_outputs_stream():
     assert launch.streams(sixteen.numel(), sixteen, False)
     assert launch.streams(ten.numel(), ten.double(), True)
     assert not launch.streams(2 * sixteen.numel(), sixteen.bfloat16(), False)   # 32 MiB of a half type
+    assert launch.streams(eight.numel(), eight, False, backward=True)
+    assert launch.streams(eight.numel(), eight, True, backward=True)
+    assert not launch.streams(eight.numel() // 2, eight, True, backward=True)
 
 
 def test_streaming_can_be_turned_off():

@@ -144,14 +144,17 @@ def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, ac
     return y
 
 
-def streams(numel: int, x, channels_last: bool) -> bool:
-    """Whether an output like x with numel elements is written with streaming stores (see
-    streaming: large float32/float64 outputs, a lower size for channels-last, whose apply
-    re-reads x from beyond L2; the limits are read at call time, so tests can lower them)."""
+def streams(numel: int, x, channels_last: bool, backward: bool = False) -> bool:
+    """Whether an output like x with numel elements (y, or dx when backward) is written
+    with streaming stores (see streaming: large float32/float64 outputs; the limits are
+    read at call time, so tests can lower them)."""
     size = x.itemsize
     if not streaming.STREAMS or size < streaming.STREAM_MIN_ITEMSIZE:
         return False
-    least = streaming.STREAM_MIN_BYTES_CHANNELS_LAST if channels_last else streaming.STREAM_MIN_BYTES
+    if backward:
+        least = streaming.STREAM_MIN_BYTES_BACKWARD
+    else:
+        least = streaming.STREAM_MIN_BYTES_CHANNELS_LAST if channels_last else streaming.STREAM_MIN_BYTES
     return numel * size >= least
 
 
@@ -221,7 +224,7 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
     p, q = dx_coefs(stat(rstd, acc), stat(sum_dxhat, acc), stat(sum_dxhat_xhat, acc), int(count), c)
     act = CODES[activation]
     dy = like_layout(dy, x)
-    stream = streams(x.numel(), x, channels_last)
+    stream = streams(x.numel(), x, channels_last, backward=True)
     if channels_last:
         dx_channels_last(pixels_view(dy), pixels_view(x), dx_flat.reshape(n, -1, c), mean_c, a, b, p, q, act,
                          stream)
@@ -289,7 +292,7 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     else:
         entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
-          bool(need_dx), streams(x.numel(), x, channels_last), m.data_ptr(), r.data_ptr(), WITNESS[acc],
+          bool(need_dx), streams(x.numel(), x, channels_last, True), m.data_ptr(), r.data_ptr(), WITNESS[acc],
           num_groups, *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
           *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
     return sum_dz_xhat, sum_dz, dx, dw, db
