@@ -102,12 +102,13 @@ def test_streamed_backward_equals_plain(monkeypatch, shape, groups, cl, dtype, a
 
 
 def test_only_large_outputs_stream():
-    """float32/float64 outputs of more than 8 MiB channels-last, of 16 MiB contiguous;
-    dx from 8 MiB."""
+    """float32/float64 outputs of 8 MiB channels-last, of 16 MiB contiguous; dx from 8 MiB."""
     eight = torch.empty(1, 8, 512, 512)   # 8 MiB of float32
     ten = torch.empty(2, 5, 512, 512)     # 10 MiB
     sixteen = torch.empty(1, 16, 512, 512)
-    assert not launch.streams(eight.numel(), eight, True)
+    assert launch.streams(eight.numel(), eight, True)
+    assert not launch.streams(eight.numel() - 1, eight, True)
+    assert not launch.streams(eight.numel(), eight, False)
     assert launch.streams(ten.numel(), ten, True)
     assert not launch.streams(ten.numel(), ten, False)
     assert launch.streams(sixteen.numel(), sixteen, False)

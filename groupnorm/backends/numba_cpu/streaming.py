@@ -14,11 +14,14 @@ process, BENCHMARKS.md), float32 forward, streamed vs plain:
 
 (the channels-last forward re-reads x after its statistics pass, the contiguous one
 re-reads each group from L2, so channels-last outputs leave the cache sooner; half types
-are bound by their conversions, not by memory). So the launcher streams float32/float64
-outputs of more than 8 MiB channels-last and of at least 16 MiB contiguous (input and
-output then exceed the whole L3). The backward's dx streams from 8 MiB in both layouts:
-its passes read dy as well as x, and two benchmark runs each way gave the 8-10 MiB
-float32 backward rows 1.04-1.64x of ATen streamed against 0.72-1.08x plain.
+are bound by their conversions, not by memory). A tight loop of one kernel is the quiet
+case at its best: in the benchmark, where ATen's call runs between two of ours as other
+layers do in a model, the 8 MiB channels-last float32 forward was 1.06-1.17x of ATen
+streamed and 0.66-1.26x plain (four runs). So the launcher streams float32/float64
+outputs of at least 8 MiB channels-last and 16 MiB contiguous (input and output then
+exceed the whole L3). The backward's dx streams from 8 MiB in both layouts: its passes
+read dy as well as x, and two benchmark runs each way gave the 8-10 MiB float32 backward
+rows 1.04-1.64x of ATen streamed against 0.72-1.08x plain.
 
 Kernels compute a span into a small scratch of the output's element type (the same
 rounding as a direct store), then ``stream_span`` copies it: plain stores up to the
@@ -39,7 +42,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 STREAM_MIN_BYTES = 16 << 20                # contiguous outputs from this size are streamed ...
-STREAM_MIN_BYTES_CHANNELS_LAST = 9 << 20   # ... channels-last from this (see above) ...
+STREAM_MIN_BYTES_CHANNELS_LAST = 8 << 20   # ... channels-last from this (see above) ...
 STREAM_MIN_BYTES_BACKWARD = 8 << 20        # ... dx of the backward from this ...
 STREAM_MIN_ITEMSIZE = 4                    # ... if their elements have at least this many bytes
 CHUNK_BYTES = 32             # one AVX store
