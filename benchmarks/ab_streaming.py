@@ -9,6 +9,7 @@ torch has them).
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -16,8 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import groupnorm
-from groupnorm.backends.numba_cpu import streaming
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import groupnorm  # noqa: E402
+from groupnorm.backends.numba_cpu import streaming  # noqa: E402
 
 SHAPES = [(2, 320, 64, 64), (1, 512, 64, 64), (2, 256, 100, 152), (1, 128, 512, 512)]
 GROUPS = 32
