@@ -6,18 +6,28 @@ a helper, a kernel in an unchanged file would load the old machine code from the
 and silently run the old helper. The locators installed here add one hash over every
 module of this package to each kernel's stamp, so any edit recompiles all of them once.
 
+The cache files of these kernels are also written so that concurrent processes (two
+pytest-xdist workers, several ranks of a CPU job compiling at once) and stale files can
+never hand a kernel another signature's machine code; see ``KeyedCacheFile``.
+
 Installed from the package's ``__init__`` before any kernel module is imported: Numba
 chooses a function's locator when the function is decorated. Functions outside this
-package keep Numba's own locators. Where a Numba version lacks the hooks used here
-(``CacheImpl._locator_classes`` and its locator classes), nothing is installed and the
-per-file stamps apply, as before.
+package keep Numba's own locators and cache files. Where a Numba version lacks the hooks
+used here (``CacheImpl._locator_classes`` and its locator classes, ``IndexDataCacheFile``),
+nothing is installed and Numba's own behaviour applies, as before.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 
 from numba.core import caching
+
+try:
+    import fcntl
+except ImportError:   # Windows: no index lock (a lost index entry costs a recompile, never a wrong load)
+    fcntl = None
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,6 +66,105 @@ def _stamped_locator(base: type, directory: str, package_hash: bytes) -> type:
     return PackageStampedLocator
 
 
+_PACKAGE_HASHES: set = set()   # the package hashes our locators put into stamps
+
+
+def _is_ours(source_stamp) -> bool:
+    return isinstance(source_stamp, tuple) and len(source_stamp) == 2 and source_stamp[1] in _PACKAGE_HASHES
+
+
+def _keyed_cache_file(base: type) -> type:
+    """``base`` (Numba's IndexDataCacheFile), writing this package's kernels safely.
+
+    Numba numbers a function's data files 1, 2, ... and writes the index entry before the
+    data. Between the two another process can load the entry and read whatever that file
+    held: another signature's code, or the code of an older source version (after an edit
+    the stamp changes but the old numbered files stay and are reused). A kernel then runs
+    machine code compiled for other argument types: wrong results or a crash. Here the
+    data file is named after the stamp and the index key, written first (atomically, as
+    Numba writes), and only then entered in the index, under a file lock; files of older
+    stamps are removed. An index entry therefore only ever names its own code. Other
+    functions keep Numba's behaviour unchanged.
+    """
+
+    class KeyedCacheFile(base):
+        def __init__(self, cache_path, filename_base, source_stamp):
+            super().__init__(cache_path, filename_base, source_stamp)
+            self._groupnorm = _is_ours(source_stamp) and all(
+                isinstance(getattr(self, n, None), str) for n in ("_index_name", "_index_path", "_cache_path"))
+            self._stamp_tag = hashlib.sha256(repr(source_stamp).encode()).hexdigest()[:12]
+
+        def keyed_name(self, key) -> str:
+            """The data file of ``key`` under this stamp."""
+            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
+            return f"{self._index_name[:-4]}.g{self._stamp_tag}-{digest}.nbc"
+
+        def save(self, key, data):
+            if not self._groupnorm:
+                return super().save(key, data)
+            name = self.keyed_name(key)
+            self._save_data(name, data)
+            with self._index_lock():
+                overloads = self._load_index()
+                overloads[key] = name
+                self._save_index(overloads)
+            self._remove_stale_data()
+
+        def _index_lock(self):
+            return _FileLock(self._index_path + ".lock")
+
+        def _remove_stale_data(self):
+            """Data files of this function under another stamp (or Numba's numbered
+            names): never loaded again, and the next edit would otherwise add a set."""
+            prefix = f"{self._index_name[:-4]}.g{self._stamp_tag}-"
+            pattern = os.path.join(glob.escape(self._cache_path), glob.escape(self._index_name[:-4]) + ".*.nbc")
+            for path in glob.glob(pattern):
+                if not os.path.basename(path).startswith(prefix):
+                    try:
+                        os.remove(path)
+                    except OSError:
+                        pass
+
+    KeyedCacheFile.__name__ = "Keyed" + base.__name__
+    return KeyedCacheFile
+
+
+class _FileLock:
+    """An exclusive flock on ``path`` for a with-block (no lock where fcntl is missing)."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._fd = None
+
+    def __enter__(self):
+        if fcntl is not None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+NUMBA_CACHE_FILE = getattr(caching, "IndexDataCacheFile", None)   # Numba's own, before install
+
+
+def _cache_file_hook():
+    """Numba's IndexDataCacheFile made keyed (see _keyed_cache_file), or None where this
+    Numba lacks the methods it builds on."""
+    base = getattr(caching, "IndexDataCacheFile", None)
+    if base is None or getattr(base, "groupnorm_keyed", False):
+        return base
+    if not all(callable(getattr(base, n, None)) for n in ("save", "load", "_load_index", "_save_index", "_save_data")):
+        return None
+    keyed = _keyed_cache_file(base)
+    keyed.groupnorm_keyed = True
+    return keyed
+
+
 def _numba_hooks():
     impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
     bases = [getattr(caching, n, None) or getattr(caching, "_" + n, None) for n in _BASE_NAMES]
@@ -73,6 +182,10 @@ def install(directory: str = PACKAGE_DIR) -> bool:
     if any(getattr(c, "groupnorm_directory", None) == directory for c in current):
         return True
     package_hash = sources_hash(directory)
+    keyed = _cache_file_hook()
+    if keyed is not None:
+        caching.IndexDataCacheFile = keyed   # looked up by Cache.__init__ per function
+    _PACKAGE_HASHES.add(package_hash)
     impl._locator_classes = [_stamped_locator(b, directory, package_hash) for b in bases] + list(current)
     return True
 
