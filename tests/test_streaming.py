@@ -125,7 +125,31 @@ def test_streaming_can_be_turned_off():
             "big = torch.empty(1, 32, 512, 520); print(streaming.STREAMS, launch.streams(big.numel(), big, True))")
     env = dict(os.environ, GROUPNORM_STREAMING="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "None"]
+
+
+def test_plain_calls_compile_no_streamed_code(tmp_path):
+    """stream=None prunes the streamed branch before typing (see streaming), so a process
+    that never streams never compiles the twins; stream=True compiles them. Run in a fresh
+    process with an empty cache: this one has compiled everything, and a kernel loaded
+    from the cache brings its callees' code without compiling them."""
+    code = """
+import numpy as np
+from groupnorm.backends.numba_cpu import apply_kernels as ak, backward_kernels as bk, streaming
+x = np.random.default_rng(0).standard_normal((6, 40)).astype(np.float32)
+y = np.full_like(x, np.nan)
+c = np.ones(6, np.float32)
+twins = (ak.apply_span_streamed, bk.dx_row_streamed, streaming.stream_span)
+ak.apply_rows(x, y, c, c, c, 0, None)
+bk.dx_rows(x, x, y, c, c, c, c, c, 0, None)
+print(sum(len(f.signatures) for f in twins), int(np.isnan(y).sum()))
+ak.apply_rows(x, y, c, c, c, 0, True)
+bk.dx_rows(x, x, y, c, c, c, c, c, 0, True)
+print(len(ak.apply_span_streamed.signatures), len(bk.dx_row_streamed.signatures))
+"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "0", "1", "1"]
 
 
 def test_large_forward_through_the_api_matches_torch():

@@ -63,8 +63,9 @@ def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n
 
 
 # Forward entries: x, y are N * C * HW elements in x's memory order; mean, rstd (N, G)
-# outputs; stream: write y with streaming stores (forward_samples' small samples never
-# are); the same arguments for each, so the launcher calls whichever it picked.
+# outputs; stream: None, or True to write y with streaming stores (forward_samples' small
+# samples never are; the launcher passes None there); the same arguments for each, so the
+# launcher calls whichever it picked.
 
 @njit(cache=True)
 def forward_groups_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
@@ -113,7 +114,7 @@ def forward_pixel_blocks_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, 
 
 
 # Backward entries: dy, x, dx are N * C * HW elements in x's memory order (dx unwritten
-# without need_dx, written with streaming stores when stream); mean, rstd: N * G
+# without need_dx, written with streaming stores when stream is True, not None); mean, rstd: N * G
 # elements of stat_like's type; outputs sum_dz_xhat, sum_dz: (N, C) arrays, and
 # dweight, dbias: (C,) or 0 elements.
 

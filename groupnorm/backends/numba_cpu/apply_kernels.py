@@ -90,7 +90,7 @@ def apply_rows_none(x, y, lo, hi, mean_c, a, b):
 @njit(**JIT)
 def apply_row_block(x, y, lo, hi, mean_c, a, b, act, stream):
     """Rows lo..hi-1 of the contiguous layout, one staging buffer for all of them."""
-    if stream:
+    if stream is not None:
         buf, out = stream_scratch(act, STREAM_SPAN, a, y)
         for r in range(lo, hi):
             apply_span_streamed(x[r], y[r], 0, x.shape[1], mean_c[r], a[r], b[r], act, buf, out)
@@ -106,8 +106,8 @@ def apply_row_block(x, y, lo, hi, mean_c, a, b, act, stream):
 
 @njit(parallel=True, **JIT)
 def apply_rows(x, y, mean_c, a, b, act, stream):
-    """Contiguous layout. x, y: (N*C, HW); mean_c, a, b: (N*C,); stream: write y with
-    streaming stores (see streaming).
+    """Contiguous layout. x, y: (N*C, HW); mean_c, a, b: (N*C,); stream: None, or
+    True to write y with streaming stores (see streaming: a compile-time choice).
 
     Tasks are blocks of about PIXEL_CHUNK elements (whole rows), so small planes (HW = 64)
     do not pay a buffer allocation and a task start per row.
@@ -185,7 +185,7 @@ def apply_pixels_streamed(xn, yflat, lo, hi, mc, an, bn, act, buf, out):
 def apply_pixel_task(x, y, n, lo, hi, mean_c, a, b, act, bufs, t, stream):
     """One task of apply_channels_last (scratch row t). The per-sample views are made
     here, in a plain callee, not in the prange body."""
-    if stream:
+    if stream is not None:
         buf, out = stream_scratch(act, max(STREAM_SPAN, x.shape[2]), a, y)
         apply_pixels_streamed(x[n], y[n].reshape(-1), lo, hi, mean_c[n], a[n], b[n], act, buf, out)
         return
@@ -197,8 +197,8 @@ def apply_pixel_task(x, y, n, lo, hi, mean_c, a, b, act, bufs, t, stream):
 
 @njit(parallel=True, **JIT)
 def apply_channels_last(x, y, mean_c, a, b, act, stream):
-    """Channels-last layout. x, y: (N, HW, C); mean_c, a, b: (N, C); stream: write y
-    with streaming stores (see streaming)."""
+    """Channels-last layout. x, y: (N, HW, C); mean_c, a, b: (N, C); stream: None,
+    or True to write y with streaming stores (see streaming: a compile-time choice)."""
     n_batch, hw, channels = x.shape
     block_rows = max(1, PIXEL_CHUNK // channels)
     blocks = (hw + block_rows - 1) // block_rows

@@ -33,10 +33,15 @@ PIXEL_ROWS_MIN = 16   # ... but at least this many pixels ...
 PIXEL_ROWS_MAX = 512  # ... and at most this many (float32 per-channel partial sums)
 SUM_BLOCK = 4096        # elements summed in the accumulation dtype before a float64 add
 ROW_TASK_ELEMS = 16384  # contiguous layout: elements per parallel task (whole rows)
-JIT = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
+JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+# Only the sum loops may reassociate (LLVM vectorises them into partial sums). Elsewhere
+# reassoc let LLVM regroup dx's terms differently depending on what a kernel was inlined
+# into, so the same dx kernel wrote other bits (1 ulp here and there) when compiled inside
+# its caller than when loaded from the cache: a result that depended on the process.
+JIT_SUM = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
 
-@njit(**JIT)
+@njit(**JIT_SUM)
 def reduce_row(dr, xr, m, ar, br, act, zero):
     """(sum(dz1 * (x - mean)), sum(dz1)) over one (n, c) row. A plain callee, not a prange
     body: Numba's parallel lowering keeps LLVM from vectorising loop bodies.
@@ -79,7 +84,7 @@ def reduce_row(dr, xr, m, ar, br, act, zero):
     return t_xc, t_dz
 
 
-@njit(**JIT)
+@njit(**JIT_SUM)
 def reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
     """reduce_row_block without an activation, indexing the 2-D arrays directly: no
     per-row views (each costs reference-count updates, as much as a short row's work)."""
@@ -134,7 +139,7 @@ def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
                          sum_dz_xhat, sum_dz, zero)
 
 
-@njit(**JIT)
+@njit(**JIT_SUM)
 def reduce_pixels(dyn, xn, lo, hi, mc, an, bn, act, acc_xc, acc_dz, buf, zero):
     """Per-channel (sum dz1 * (x - mean), sum dz1) over pixels lo..hi-1 of one sample
     (HW, C), into acc_xc / acc_dz (C,); buf: scratch of at least C values (activations
@@ -281,7 +286,7 @@ def dx_rows_none(dy, x, dx, lo, hi, mean_c, a, p, q):
 
 @njit(**JIT)
 def dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act, stream):
-    if stream:
+    if stream is not None:
         buf, out = stream_scratch(act, STREAM_SPAN, a, dx)
         for r in range(lo, hi):
             dx_row_streamed(dy[r], x[r], dx[r], mean_c[r], a[r], b[r], p[r], q[r], act, buf, out)
@@ -296,8 +301,8 @@ def dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act, stream):
 
 @njit(parallel=True, **JIT)
 def dx_rows(dy, x, dx, mean_c, a, b, p, q, act, stream):
-    """Contiguous layout. dy, x, dx: (N*C, HW); coefficients: (N*C,); stream: write dx
-    with streaming stores (see streaming)."""
+    """Contiguous layout. dy, x, dx: (N*C, HW); coefficients: (N*C,); stream: None, or
+    True to write dx with streaming stores (see streaming: a compile-time choice)."""
     rows, length = x.shape
     per_task = rows_per_task(length)
     for task in prange((rows + per_task - 1) // per_task):
@@ -356,7 +361,7 @@ def dx_pixels_streamed(dyn, xn, dx_flat, lo, hi, mc, an, bn, pn, qn, act, buf, o
 @njit(**JIT)
 def dx_pixel_task(dy, x, dx, n, lo, hi, mean_c, a, b, p, q, act, bufs, t, stream):
     """One task of dx_channels_last (scratch row t); views made once per task."""
-    if stream:
+    if stream is not None:
         buf, out = stream_scratch(act, max(STREAM_SPAN, x.shape[2]), a, dx)
         dx_pixels_streamed(dy[n], x[n], dx[n].reshape(-1), lo, hi, mean_c[n], a[n], b[n], p[n], q[n], act,
                            buf, out)
@@ -369,8 +374,8 @@ def dx_pixel_task(dy, x, dx, n, lo, hi, mean_c, a, b, p, q, act, bufs, t, stream
 
 @njit(parallel=True, **JIT)
 def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act, stream):
-    """Channels-last layout. dy, x, dx: (N, HW, C); coefficients: (N, C); stream: write
-    dx with streaming stores (see streaming)."""
+    """Channels-last layout. dy, x, dx: (N, HW, C); coefficients: (N, C); stream: None,
+    or True to write dx with streaming stores (see streaming: a compile-time choice)."""
     n_batch, hw, channels = x.shape
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows

@@ -37,8 +37,8 @@ def rstd_from_m2(m2, count, eps, rstd):
 @njit(**JIT)
 def forward_rows(x_groups, x_rows, y_rows, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream):
     """Contiguous layout. x_groups: (N*G, C/G*HW) and x_rows/y_rows: (N*C, HW) views of
-    the same memory; mean, rstd: (N, G) outputs; stream: write y with streaming stores
-    (as for every forward here; see streaming)."""
+    the same memory; mean, rstd: (N, G) outputs; stream: None, or True to write y with
+    streaming stores (as for every forward here; see streaming)."""
     n_batch, groups = mean.shape
     channels = x_rows.shape[0] // n_batch
     m2 = np.empty_like(mean)
@@ -155,7 +155,7 @@ def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, 
     rstd[n, g] = rs
     m_acc = mean[n, g]
     buf = np.empty(BLOCK if act != NONE else 0, mean.dtype)
-    if stream:   # allocated only when used: an allocation per task costs a small shape ~5%
+    if stream is not None:   # allocated only when used: an allocation per task costs a small shape ~5%
         sbuf, out = stream_scratch(act, STREAM_SPAN, mean, y_groups)
     for cc in range(cpg):
         c = g * cpg + cc
@@ -165,7 +165,7 @@ def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, 
         t = np.float64(load(shift, n * channels + c)) if shift.size else 0.0
         a = cast_like(np.float64(rstd[n, g]) * w * s1, zero)
         b = cast_like(bb * s1 + t, zero)
-        if stream:
+        if stream is not None:
             apply_span_streamed(xr, yr, cc * hw, hw, m_acc, a, b, act, sbuf, out)
         elif act == NONE:
             lo = cc * hw
@@ -173,5 +173,5 @@ def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, 
                 store(y_groups, (r, lo + i), (load(x_groups, (r, lo + i)) - m_acc) * a + b)
         else:
             apply_span(xr, yr, cc * hw, hw, m_acc, a, b, act, buf)
-    if stream:
+    if stream is not None:
         store_fence()

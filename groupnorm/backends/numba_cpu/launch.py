@@ -133,29 +133,34 @@ def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, ac
     hw = numel // (n * c)
     channels_last = is_channels_last(x)
     y, _ = alloc.output_tensor_like(x, channels_last)
+    stream = streams(numel, x, channels_last)
     if channels_last:
-        entry = forward_samples_at if channels_last_per_sample(n, hw * c, threads) else forward_pixel_blocks_at
+        if channels_last_per_sample(n, hw * c, threads):
+            entry, stream = forward_samples_at, None   # small samples: never streamed
+        else:
+            entry = forward_pixel_blocks_at
     else:
         entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
     keep = []   # converted parameters, alive until the entry has run
     entry(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, *_param_at(weight, acc, keep),
           *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep), float(eps),
-          CODES[activation], _ZERO[acc], mean_np, rstd_np, streams(numel, x, channels_last))
+          CODES[activation], _ZERO[acc], mean_np, rstd_np, stream)
     return y
 
 
-def streams(numel: int, x, channels_last: bool, backward: bool = False) -> bool:
-    """Whether an output like x with numel elements (y, or dx when backward) is written
-    with streaming stores (see streaming: large float32/float64 outputs; the limits are
+def streams(numel: int, x, channels_last: bool, backward: bool = False):
+    """The kernels' ``stream`` argument for an output like x with numel elements (y, or
+    dx when backward): True to write it with streaming stores (large float32/float64
+    outputs), else None, which compiles no streamed code (see streaming; the limits are
     read at call time, so tests can lower them)."""
     size = x.itemsize
     if not streaming.STREAMS or size < streaming.STREAM_MIN_ITEMSIZE:
-        return False
+        return None
     if backward:
         least = streaming.STREAM_MIN_BYTES_BACKWARD
     else:
         least = streaming.STREAM_MIN_BYTES_CHANNELS_LAST if channels_last else streaming.STREAM_MIN_BYTES
-    return numel * size >= least
+    return True if numel * size >= least else None
 
 
 def stats(x, num_groups):
@@ -267,7 +272,8 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     sync_with_torch(x.numel())
     shape = x.shape
     n, c = shape[0], shape[1]
-    hw = x.numel() // (n * c)
+    numel = x.numel()
+    hw = numel // (n * c)
     acc = acc_dtype(x.dtype)
     if param_sums:
         # dweight/dbias come out of the entry and the caller drops the (N, C) sums: they
@@ -292,7 +298,7 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     else:
         entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
-          bool(need_dx), streams(x.numel(), x, channels_last, True), m.data_ptr(), r.data_ptr(), WITNESS[acc],
+          bool(need_dx), streams(numel, x, channels_last, True) if need_dx else None, m.data_ptr(), r.data_ptr(), WITNESS[acc],
           num_groups, *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
           *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
     return sum_dz_xhat, sum_dz, dx, dw, db

@@ -30,6 +30,13 @@ streamed ends with ``store_fence`` so its writes are visible before the parallel
 joins. The values written are the same bits either way, so the choice never changes a
 result. LLVM emits scalar non-temporal stores when it cannot prove alignment, which is
 why the vector type and alignment are spelled out here.
+
+The choice is made at compile time. Kernels take ``stream`` as None (plain stores) or
+True, and test it with ``stream is not None``: Numba prunes that branch by the argument's
+type before typing, so a signature with None never compiles the streamed twins (as a
+run-time bool it compiled them into every entry: 522 s of first-call compile against
+385 s before streaming), and one with True compiles only them. ``launch.streams`` gives
+the value to pass.
 """
 from __future__ import annotations
 
