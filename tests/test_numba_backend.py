@@ -382,7 +382,9 @@ from groupnorm.backends import numba_cpu
 x = make_x((2, 10, 3, 4, 5), torch.float16, True, seed=9)
 dy = make_x((2, 10, 3, 4, 5), torch.float16, True, seed=10)
 w, b, s, t = make_params(10, 2, torch.float16, scaled=True, seed=11)
-_, mean, rstd = numba_cpu.forward(x, w, b, s, t, 2, 1e-5, "mish")
+groups = x.float().reshape(2, 2, -1)   # statistics from torch: only the backward compiles
+mean = groups.mean(-1)
+rstd = (groups.var(-1, unbiased=False) + 1e-5).rsqrt()
 for g in numba_cpu.backward_grads(dy, x, mean, rstd, w, b, s, t, 2, "mish"):
     print(g.view(torch.int16).flatten().tolist())
 """

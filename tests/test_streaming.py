@@ -128,6 +128,7 @@ def test_streaming_can_be_turned_off():
     assert out.stdout.split() == ["False", "None"]
 
 
+@pytest.mark.slow   # ~30 s of fresh compiles; a speed property, not a result
 def test_plain_calls_compile_no_streamed_code(tmp_path):
     """stream=None prunes the streamed branch before typing (see streaming), so a process
     that never streams never compiles the twins; stream=True compiles them. Run in a fresh
