@@ -8,10 +8,11 @@ load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
 ``forward_kernels``, ``backward_kernels``, ``entries`` (compiled glue: one call per backward),
 ``threads``, ``numpy_views``, ``alloc`` (with ``output_pool``: reuse of freed outputs) and
 ``launch`` (the torch glue). ``warmup()`` compiles the common signatures and returns the seconds it took.
-``cache_stamp`` makes Numba's on-disk cache follow edits to any of these modules; it is
-imported first, before any kernel is decorated.
+``cache_stamp`` makes Numba's on-disk cache follow edits to any of these modules and
+``vector_width`` lets LLVM use 512-bit vectors in them on AVX-512 CPUs; both are imported
+first, before any kernel is decorated or compiled.
 """
-from . import cache_stamp  # noqa: F401  (first: see cache_stamp)
+from . import cache_stamp, vector_width  # noqa: F401  (first: see cache_stamp, vector_width)
 from .launch import apply, backward_dx, backward_fused, backward_grads, backward_reduce, forward, forward_output, stats
 from .warmup import compile_time_report, warmup
 
