@@ -125,8 +125,11 @@ def test_float32_limits_and_nan_as_torch(name):
     g = z.copy()
     act.grad_block(g, 3, act.CODES[name])
     zt = torch.from_numpy(z.copy()).requires_grad_(True)
-    yt = TORCH_FORWARD[name](zt)
-    (gt,) = torch.autograd.grad(yt.sum(), zt)
+    # ATen's own kernels: on AVX-512 CPUs torch hands float32 GELU to oneDNN, whose
+    # gelu(+inf) is NaN (ATen's and the math's: +inf), so torch itself answers per machine.
+    with torch.backends.mkldnn.flags(enabled=False):
+        yt = TORCH_FORWARD[name](zt)
+        (gt,) = torch.autograd.grad(yt.sum(), zt)
     np.testing.assert_array_equal(y, yt.detach().numpy())   # NaN positions must agree too
     np.testing.assert_array_equal(g, gt.numpy())
 
