@@ -9,10 +9,10 @@ load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
 ``threads``, ``numpy_views``, ``alloc`` (with ``output_pool``: reuse of freed outputs) and
 ``launch`` (the torch glue). ``warmup()`` compiles the common signatures and returns the seconds it took.
 ``cache_stamp`` makes Numba's on-disk cache follow edits to any of these modules and
-``vector_width`` lets LLVM use 512-bit vectors in them on AVX-512 CPUs; both are imported
-first, before any kernel is decorated or compiled.
+``function_attributes`` sets LLVM attributes on them (512-bit vectors, sums kept out of
+line); both are imported first, before any kernel is decorated or compiled.
 """
-from . import cache_stamp, vector_width  # noqa: F401  (first: see cache_stamp, vector_width)
+from . import cache_stamp, function_attributes  # noqa: F401  (first: see both)
 from .launch import apply, backward_dx, backward_fused, backward_grads, backward_reduce, forward, forward_output, stats
 from .warmup import compile_time_report, warmup
 

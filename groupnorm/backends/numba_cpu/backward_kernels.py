@@ -25,6 +25,7 @@ from .activations import NONE, grad_block
 from .apply_kernels import STREAM_SPAN, stage_z1, stream_scratch
 from .elements import cast_like, load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
+from .function_attributes import out_of_line
 from .streaming import stream_span, store_fence
 
 BLOCK = 512           # staging buffer length for act'(z1)
@@ -34,13 +35,15 @@ PIXEL_ROWS_MAX = 512  # ... and at most this many (float32 per-channel partial s
 SUM_BLOCK = 4096        # elements summed in the accumulation dtype before a float64 add
 ROW_TASK_ELEMS = 16384  # contiguous layout: elements per parallel task (whole rows)
 JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
-# Only the sum loops may reassociate (LLVM vectorises them into partial sums). Elsewhere
-# reassoc let LLVM regroup dx's terms differently depending on what a kernel was inlined
-# into, so the same dx kernel wrote other bits (1 ulp here and there) when compiled inside
-# its caller than when loaded from the cache: a result that depended on the process.
+# Only the sum loops may reassociate (LLVM vectorises them into partial sums), and they
+# are kept out of line (function_attributes.out_of_line). Reassoc let LLVM regroup terms
+# differently depending on what a kernel was inlined into, so the same kernel wrote other
+# bits (1 ulp here and there) when compiled inside its caller than when loaded from the
+# cache: a result that depended on the process.
 JIT_SUM = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
 
+@out_of_line
 @njit(**JIT_SUM)
 def reduce_row(dr, xr, m, ar, br, act, zero):
     """(sum(dz1 * (x - mean)), sum(dz1)) over one (n, c) row. A plain callee, not a prange
@@ -84,6 +87,7 @@ def reduce_row(dr, xr, m, ar, br, act, zero):
     return t_xc, t_dz
 
 
+@out_of_line
 @njit(**JIT_SUM)
 def reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
     """reduce_row_block without an activation, indexing the 2-D arrays directly: no
@@ -139,7 +143,7 @@ def reduce_rows(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
                          sum_dz_xhat, sum_dz, zero)
 
 
-@njit(**JIT_SUM)
+@njit(**JIT)   # one accumulator per channel: vectorises without reassociation
 def reduce_pixels(dyn, xn, lo, hi, mc, an, bn, act, acc_xc, acc_dz, buf, zero):
     """Per-channel (sum dz1 * (x - mean), sum dz1) over pixels lo..hi-1 of one sample
     (HW, C), into acc_xc / acc_dz (C,); buf: scratch of at least C values (activations

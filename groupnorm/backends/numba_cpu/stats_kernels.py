@@ -19,11 +19,16 @@ import numpy as np
 from numba import njit, prange
 
 from .elements import cast_like, load
+from .function_attributes import out_of_line
 
 CHUNK = 4096          # elements per partial (16 KiB of float32: stays in L1)
-JIT = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
+JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
 # Every callee states its fastmath flags: Numba compiles a callee that states none with its
 # caller's flags, so one helper would round differently under different callers.
+# Only the sum loops reassociate (LLVM vectorises them into partial sums), and they are
+# kept out of line (function_attributes): inlined into a caller, LLVM regrouped them per
+# caller, so a cached and a freshly compiled kernel summed in different orders.
+JIT_SUM = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
 
 @njit(**JIT)
@@ -36,7 +41,8 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
 
 
-@njit(**JIT)
+@out_of_line
+@njit(**JIT_SUM)
 def chunk_moments(row, lo, hi, zero):
     """(mean, m2) of row[lo:hi] in float64, by the corrected shifted two-pass."""
     v = row[lo:hi]        # zero-based loops over a view: no index wraparound, so they vectorise
@@ -153,6 +159,7 @@ def shifted_channel_sums(x, n, lo, hi, t, s, q, shift, together):
         r += 1
 
 
+@out_of_line
 @njit(cache=True, error_model="numpy", boundscheck=False, fastmath={"reassoc", "contract", "nsz"})
 def channel_sums_to_groups(s, q, shift, rows, groups, part_mean, part_m2):
     """Exact per-group (mean, m2) from per-channel shifted sums, in float64.

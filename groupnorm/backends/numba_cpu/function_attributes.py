@@ -1,0 +1,88 @@
+"""LLVM function attributes on this package's Numba functions, set as Numba lowers them.
+
+Two jobs, both applied in ``CPUContext.post_lowering`` to the functions of this package
+only (other Numba code in the process keeps LLVM's defaults):
+
+* ``"prefer-vector-width"="512"`` on every function (what clang's
+  ``-mprefer-vector-width=512`` sets). LLVM's tuning for cores with AVX-512 keeps loops
+  at 256 bits, half of what ATen's AVX-512 kernels use; our bfloat16 loops, bound by
+  their bit conversions, ran 10-21% faster with 512-bit vectors on an AVX-512 Xeon
+  (BENCHMARKS.md), float32 loops, bound by memory, unchanged. A CPU without AVX-512
+  ignores it: LLVM never vectorises wider than the registers.
+* ``noinline`` on the sum functions registered with ``out_of_line`` (the only ones
+  compiled with ``reassoc``). Reassociation lets LLVM regroup a sum once the function is
+  inlined into a caller (with the caller's constants, trip counts, unrolling), so the same
+  kernel summed in another order when compiled inside a caller than when compiled alone;
+  and a caller loaded from the disk cache links the callee's separately compiled code.
+  Measured: a contiguous forward's mean differed by 1 ulp between two specialisations
+  when one came from the cache (a cold pytest-xdist run failed on it). Kept out of line,
+  a sum function is the same machine code in every caller, fresh or cached
+  (tests/test_function_attributes.py). Registered by name, not by "compiled with
+  reassoc": helpers such as ``elements.load`` are compiled with their caller's flags and
+  must stay inline (a call per element made bfloat16 kernels 10x slower).
+
+The attributes are part of the machine code Numba caches, and the cache stamp
+(cache_stamp) covers this file, so cached kernels always match it.
+"""
+from __future__ import annotations
+
+from numba.core import cpu, funcdesc
+
+WIDE_VECTORS = '"prefer-vector-width"="512"'
+# Numba's mangled names start with the Itanium encoding of the defining module's path.
+PACKAGE_PREFIX = "_ZN9groupnorm8backends9numba_cpu"
+_OUT_OF_LINE: set = set()   # mangled-name prefixes of the registered sum functions
+
+
+def mangled_prefix(qualified_name: str) -> str:
+    """The start of every specialisation's mangled name of a function ("module.qualname"):
+    Numba appends the ABI tags ("B...") and argument types ("E...") to it. The
+    length-prefixed encoding keeps one function's prefix from matching another's."""
+    mangled = funcdesc.default_mangler(qualified_name, ())   # "_ZN" + name parts + "E"
+    assert mangled.endswith("E"), mangled
+    return mangled[:-1]
+
+
+def out_of_line(dispatcher):
+    """Decorator (outside ``@njit``): never inline this function into its callers."""
+    py_func = dispatcher.py_func
+    _OUT_OF_LINE.add(mangled_prefix(f"{py_func.__module__}.{py_func.__qualname__}"))
+    return dispatcher
+
+
+def _registered(name: str) -> bool:
+    return any(name.startswith(p) and name[len(p):len(p) + 1] in ("B", "E") for p in _OUT_OF_LINE)
+
+
+def mark_package_functions(module) -> int:
+    """Set the attributes above on the functions of this package defined in an
+    llvmlite.ir module; returns how many functions were marked."""
+    marked = 0
+    for fn in module.functions:
+        if not (fn.blocks and fn.name.startswith(PACKAGE_PREFIX)):
+            continue
+        # FunctionAttributes.add accepts LLVM's keyword attributes only; a string
+        # attribute is printed as given ('"key"="value"' in the define line).
+        set.add(fn.attributes, WIDE_VECTORS)
+        if _registered(fn.name) and "alwaysinline" not in fn.attributes:
+            fn.attributes.add("noinline")
+        marked += 1
+    return marked
+
+
+def install() -> bool:
+    """Wrap CPUContext.post_lowering once; True when in place."""
+    original = cpu.CPUContext.post_lowering
+    if getattr(original, "groupnorm_function_attributes", False):
+        return True
+
+    def post_lowering(self, mod, library):
+        mark_package_functions(mod)
+        return original(self, mod, library)
+
+    post_lowering.groupnorm_function_attributes = True
+    cpu.CPUContext.post_lowering = post_lowering
+    return True
+
+
+INSTALLED = install()
