@@ -101,8 +101,15 @@ def test_streamed_backward_equals_plain(monkeypatch, shape, groups, cl, dtype, a
     assert torch.equal(dx, _run(monkeypatch, False, numba_cpu.backward_dx, *dx_args))
 
 
-def test_only_large_outputs_stream():
+def _limits_for_a_32_mib_cache(monkeypatch):
+    """The limits as they come out on a CPU whose last-level cache is 32 MiB or less."""
+    monkeypatch.setattr(streaming, "STREAM_MIN_BYTES", max(16 << 20, (32 << 20) // 4))
+    monkeypatch.setattr(streaming, "STREAM_MIN_BYTES_CHANNELS_LAST", max(8 << 20, (32 << 20) // 4))
+
+
+def test_only_large_outputs_stream(monkeypatch):
     """float32/float64 outputs of 8 MiB channels-last, of 16 MiB contiguous; dx from 8 MiB."""
+    _limits_for_a_32_mib_cache(monkeypatch)
     eight = torch.empty(1, 8, 512, 512)   # 8 MiB of float32
     ten = torch.empty(2, 5, 512, 512)     # 10 MiB
     sixteen = torch.empty(1, 16, 512, 512)
@@ -153,8 +160,24 @@ print(len(ak.apply_span_streamed.signatures), len(bk.dx_row_streamed.signatures)
     assert out.stdout.split() == ["0", "0", "1", "1"]
 
 
-def test_large_forward_through_the_api_matches_torch():
-    """At the default limits: a float32 channels-last input of 10 MiB streams."""
+def test_forward_limits_follow_the_last_level_cache(tmp_path):
+    """A quarter of the largest reported cache level, never below the 16 / 8 MiB limits."""
+    for index, (level, size) in enumerate([(1, "48K"), (2, "2048K"), (3, "491520K"), (2, "1M")]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(f"{level}\n")
+        (tmp_path / f"index{index}" / "size").write_text(f"{size}\n")
+    (tmp_path / "uevent").write_text("")
+    assert streaming.last_level_cache_bytes(str(tmp_path)) == 480 << 20
+    assert streaming.last_level_cache_bytes(str(tmp_path / "missing")) == 0
+    cache = streaming.LAST_LEVEL_CACHE_BYTES
+    assert streaming.STREAM_MIN_BYTES == max(16 << 20, cache // 4)
+    assert streaming.STREAM_MIN_BYTES_CHANNELS_LAST == max(8 << 20, cache // 4)
+    assert streaming.STREAM_MIN_BYTES_BACKWARD == 8 << 20
+
+
+def test_large_forward_through_the_api_matches_torch(monkeypatch):
+    """At a 32 MiB cache's limits: a float32 channels-last input of 10 MiB streams."""
+    _limits_for_a_32_mib_cache(monkeypatch)
     g = torch.Generator().manual_seed(8)
     x = (0.7 + torch.randn(1, 40, 256, 260, generator=g)).to(memory_format=torch.channels_last)
     w = torch.randn(40, generator=g)

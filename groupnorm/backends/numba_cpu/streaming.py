@@ -19,7 +19,7 @@ case at its best: in the benchmark, where ATen's call runs between two of ours a
 layers do in a model, the 8 MiB channels-last float32 forward was 1.06-1.17x of ATen
 streamed and 0.66-1.26x plain (four runs). So the launcher streams float32/float64
 outputs of at least 8 MiB channels-last and 16 MiB contiguous (input and output then
-exceed the whole L3). The backward's dx streams from 8 MiB in both layouts: its passes
+exceed the whole L3), or a quarter of the last-level cache where that is larger (below). The backward's dx streams from 8 MiB in both layouts: its passes
 read dy as well as x, and two benchmark runs each way gave the 8-10 MiB float32 backward
 rows 1.04-1.64x of ATen streamed against 0.72-1.08x plain.
 
@@ -48,8 +48,41 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-STREAM_MIN_BYTES = 16 << 20                # contiguous outputs from this size are streamed ...
-STREAM_MIN_BYTES_CHANNELS_LAST = 8 << 20   # ... channels-last from this (see above) ...
+
+
+def last_level_cache_bytes(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """Size of the highest cache level the kernel reports for CPU 0 (Linux sysfs); 0 when
+    unknown (other systems, or a VM that reports none)."""
+    best_level, best_size = 0, 0
+    try:
+        entries = sorted(os.listdir(cpu_dir))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(cpu_dir, entry, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(cpu_dir, entry, "size")) as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text or 0)
+        if level > best_level or (level == best_level and size > best_size):
+            best_level, best_size = level, size
+    return best_size
+
+
+# The forward streams only outputs larger than a quarter of the last-level cache: on the
+# AMD VM above (32 MB L3) that leaves the measured 16 / 8 MiB limits as they were; on a
+# 2-core Xeon VM whose L3 reports 480 MB (BENCHMARKS.md, ninth session), streaming the
+# 8-31 MiB float32 forwards was 10-30% slower than plain stores and the 128 MiB one 13%
+# faster. The backward's limit stays: there the 19-31 MiB float32 rows gained from it.
+LAST_LEVEL_CACHE_BYTES = last_level_cache_bytes()
+STREAM_MIN_BYTES = max(16 << 20, LAST_LEVEL_CACHE_BYTES // 4)               # contiguous outputs from this size are streamed ...
+STREAM_MIN_BYTES_CHANNELS_LAST = max(8 << 20, LAST_LEVEL_CACHE_BYTES // 4)  # ... channels-last from this (see above) ...
 STREAM_MIN_BYTES_BACKWARD = 8 << 20        # ... dx of the backward from this ...
 STREAM_MIN_ITEMSIZE = 4                    # ... if their elements have at least this many bytes
 CHUNK_BYTES = 32             # one AVX store
