@@ -200,6 +200,25 @@ def test_large_mean_is_stable():
         assert (std - 1).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("groups", [1, 2])   # forward_rows (stats_rows) and forward_groups (row_moments)
+def test_statistics_of_chunks_with_far_apart_means(groups):
+    """Contiguous groups span several 4096-element chunks; the chunks after the first are
+    summed around the first one's mean. Channel means far from it (and a large offset)
+    must not cost accuracy: float32 statistics against float64."""
+    g = torch.Generator().manual_seed(12)
+    offsets = torch.tensor([1e4, 1e4 + 300.0, 1e4 - 7.0, 1e4 + 0.5, 0.0, 1e3, -50.0, 3.0])
+    spreads = torch.tensor([1e-2, 1e-3, 1.0, 1e-2, 1.0, 1e-3, 10.0, 1e-2])
+    x = offsets[:, None, None] + spreads[:, None, None] * torch.randn(8, 64, 64, generator=g)
+    x = x.unsqueeze(0).repeat(4, 1, 1, 1)[:, :8]   # N = 4: N * G = 4 or 8 tasks
+    _, mean, rstd = numba_cpu.forward(x, None, None, None, None, groups, 1e-10, "none")
+    xd = x.double().reshape(4, groups, -1)
+    torch.testing.assert_close(mean.double(), xd.mean(-1), rtol=2e-7, atol=0)
+    want = (xd.var(-1, unbiased=False) + 1e-10).rsqrt()
+    torch.testing.assert_close(rstd.double(), want, rtol=2e-6, atol=0)
+    m, m2 = numba_cpu.stats(x, groups)   # the stats op: the same partials, the same bits
+    assert torch.equal(m, mean)
+
+
 @pytest.mark.parametrize("cl", [False, True])
 def test_bitwise_deterministic_across_thread_counts(cl):
     if numba.config.NUMBA_NUM_THREADS < 2:
