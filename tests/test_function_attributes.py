@@ -71,8 +71,8 @@ def test_only_package_definitions_are_marked(monkeypatch):
 def test_the_sum_kernels_are_registered():
     from groupnorm.backends.numba_cpu import backward_kernels, stats_kernels
 
-    for fn in (stats_kernels.chunk_moments, stats_kernels.channel_sums_to_groups, backward_kernels.reduce_row,
-               backward_kernels.reduce_rows_none):
+    for fn in (stats_kernels.chunk_moments, stats_kernels.shifted_chunk_moments, stats_kernels.channel_sums_to_groups,
+               backward_kernels.reduce_row, backward_kernels.reduce_rows_none):
         assert fa.mangled_prefix(f"{fn.py_func.__module__}.{fn.py_func.__qualname__}") in fa._OUT_OF_LINE
 
 
