@@ -126,3 +126,11 @@ def test_statistics_are_the_same_in_a_cached_and_a_fresh_specialisation(tmp_path
     outputs = [subprocess.run([sys.executable, "-c", _FORWARD, mode], env=env, capture_output=True, text=True,
                               check=True).stdout.strip() for mode in ("compile", "compare")]
     assert outputs[1] == "True"
+
+
+def test_install_is_idempotent_and_skips_a_numba_without_the_hook(monkeypatch):
+    wrapped = fa.cpu.CPUContext.post_lowering
+    assert fa.install() and fa.cpu.CPUContext.post_lowering is wrapped   # once only
+    monkeypatch.delattr(fa.cpu.CPUContext, "post_lowering")
+    monkeypatch.delattr(fa.cpu.BaseContext, "post_lowering", raising=False)
+    assert fa.install() is False

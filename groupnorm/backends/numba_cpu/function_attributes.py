@@ -71,8 +71,11 @@ def mark_package_functions(module) -> int:
 
 
 def install() -> bool:
-    """Wrap CPUContext.post_lowering once; True when in place."""
-    original = cpu.CPUContext.post_lowering
+    """Wrap CPUContext.post_lowering once; True when in place. A Numba without that hook
+    gets nothing (LLVM's defaults, as for any Numba code), like cache_stamp's fallback."""
+    original = getattr(cpu.CPUContext, "post_lowering", None)
+    if original is None:
+        return False
     if getattr(original, "groupnorm_function_attributes", False):
         return True
 
