@@ -18,6 +18,7 @@ nothing is installed and Numba's own behaviour applies, as before.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -92,34 +93,32 @@ def _keyed_cache_file(base: type) -> type:
             super().__init__(cache_path, filename_base, source_stamp)
             self._groupnorm = _is_ours(source_stamp) and all(
                 isinstance(getattr(self, n, None), str) for n in ("_index_name", "_index_path", "_cache_path"))
-            self._stamp_tag = hashlib.sha256(repr(source_stamp).encode()).hexdigest()[:12]
+            if self._groupnorm:
+                stamp_tag = hashlib.sha256(repr(source_stamp).encode()).hexdigest()[:12]
+                self._name_base = self._index_name[:-len(".nbi")]   # the function's file-name base
+                self._stamp_prefix = f"{self._name_base}.g{stamp_tag}-"   # its data files under this stamp
 
         def keyed_name(self, key) -> str:
             """The data file of ``key`` under this stamp."""
-            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
-            return f"{self._index_name[:-4]}.g{self._stamp_tag}-{digest}.nbc"
+            return f"{self._stamp_prefix}{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}.nbc"
 
         def save(self, key, data):
             if not self._groupnorm:
                 return super().save(key, data)
             name = self.keyed_name(key)
             self._save_data(name, data)
-            with self._index_lock():
+            with _file_lock(self._index_path + ".lock"):
                 overloads = self._load_index()
                 overloads[key] = name
                 self._save_index(overloads)
             self._remove_stale_data()
 
-        def _index_lock(self):
-            return _FileLock(self._index_path + ".lock")
-
         def _remove_stale_data(self):
             """Data files of this function under another stamp (or Numba's numbered
             names): never loaded again, and the next edit would otherwise add a set."""
-            prefix = f"{self._index_name[:-4]}.g{self._stamp_tag}-"
-            pattern = os.path.join(glob.escape(self._cache_path), glob.escape(self._index_name[:-4]) + ".*.nbc")
+            pattern = os.path.join(glob.escape(self._cache_path), glob.escape(self._name_base) + ".*.nbc")
             for path in glob.glob(pattern):
-                if not os.path.basename(path).startswith(prefix):
+                if not os.path.basename(path).startswith(self._stamp_prefix):
                     try:
                         os.remove(path)
                     except OSError:
@@ -129,24 +128,19 @@ def _keyed_cache_file(base: type) -> type:
     return KeyedCacheFile
 
 
-class _FileLock:
+@contextlib.contextmanager
+def _file_lock(path: str):
     """An exclusive flock on ``path`` for a with-block (no lock where fcntl is missing)."""
-
-    def __init__(self, path: str):
-        self._path = path
-        self._fd = None
-
-    def __enter__(self):
-        if fcntl is not None:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 NUMBA_CACHE_FILE = getattr(caching, "IndexDataCacheFile", None)   # Numba's own, before install

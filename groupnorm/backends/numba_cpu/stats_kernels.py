@@ -47,32 +47,13 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 @out_of_line
 @njit(**JIT_SUM)
-def chunk_moments(row, lo, hi, zero):
-    """(mean, m2) of row[lo:hi] in float64, by the corrected shifted two-pass."""
-    v = row[lo:hi]        # zero-based loops over a view: no index wraparound, so they vectorise
-    n = v.shape[0]
-    s = zero
-    for i in range(n):
-        s += load(v, i)
-    m = s * cast_like(1.0 / n, zero)
-    q = zero
-    e = zero
-    for i in range(n):
-        d = load(v, i) - m
-        q += d * d
-        e += d
-    e64 = np.float64(e)
-    return np.float64(m) + e64 / n, max(np.float64(q) - e64 * e64 / n, 0.0)
-
-
-@out_of_line
-@njit(**JIT_SUM)
 def shifted_chunk_moments(row, lo, hi, shift, zero):
-    """(mean, m2) of row[lo:hi] in float64 from one pass of sums of d = x - shift, where
-    shift is the row's first chunk mean (accumulation dtype). One read instead of two;
-    the cancellation in sum(d^2) - sum(d)^2 / n grows with (chunk mean - shift)^2, a
-    spread the row's own m2 contains (Chan's merge adds it), so it stays small relative
-    to the result."""
+    """(mean, m2) of row[lo:hi] in float64 from one pass of sums of d = x - shift, shift
+    a nearby mean in the accumulation dtype: the chunk's own (chunk_moments' second pass)
+    or the row's first chunk mean (the row's other chunks: one read instead of two). The
+    cancellation in sum(d^2) - sum(d)^2 / n grows with (chunk mean - shift)^2, a spread
+    the row's own m2 contains (Chan's merge adds it), so it stays small relative to the
+    result; sum(d) also corrects the rounding of shift in the mean."""
     v = row[lo:hi]
     n = v.shape[0]
     s = zero
@@ -83,6 +64,18 @@ def shifted_chunk_moments(row, lo, hi, shift, zero):
         q += d * d
     s64 = np.float64(s)
     return np.float64(shift) + s64 / n, max(np.float64(q) - s64 * s64 / n, 0.0)
+
+
+@out_of_line
+@njit(**JIT_SUM)
+def chunk_moments(row, lo, hi, zero):
+    """(mean, m2) of row[lo:hi] in float64, by the corrected shifted two-pass."""
+    v = row[lo:hi]        # zero-based loops over a view: no index wraparound, so they vectorise
+    n = v.shape[0]
+    s = zero
+    for i in range(n):
+        s += load(v, i)
+    return shifted_chunk_moments(row, lo, hi, s * cast_like(1.0 / n, zero), zero)   # d = x - m~
 
 
 @njit(**JIT)
@@ -118,8 +111,9 @@ def stats_rows(x, mean_out, m2_out, zero):
     if chunks > 1:
         for task in prange(rows * (chunks - 1)):
             r = task // (chunks - 1)
-            lo = (task - r * (chunks - 1) + 1) * CHUNK
-            part_mean[r, lo // CHUNK], part_m2[r, lo // CHUNK] = shifted_chunk_moments(
+            k = task - r * (chunks - 1) + 1
+            lo = k * CHUNK
+            part_mean[r, k], part_m2[r, k] = shifted_chunk_moments(
                 x[r], lo, min(lo + CHUNK, length), cast_like(part_mean[r, 0], zero), zero)
     for r in range(rows):                 # serial: a few numbers per group, no third fork
         count, mean, m2 = 0.0, 0.0, 0.0

@@ -19,7 +19,8 @@ case at its best: in the benchmark, where ATen's call runs between two of ours a
 layers do in a model, the 8 MiB channels-last float32 forward was 1.06-1.17x of ATen
 streamed and 0.66-1.26x plain (four runs). So the launcher streams float32/float64
 outputs of at least 8 MiB channels-last and 16 MiB contiguous (input and output then
-exceed the whole L3), or a quarter of the last-level cache where that is larger (below). The backward's dx streams from 8 MiB in both layouts: its passes
+exceed the whole L3), or a quarter of the last-level cache where that is larger (below).
+The backward's dx streams from 8 MiB in both layouts: its passes
 read dy as well as x, and two benchmark runs each way gave the 8-10 MiB float32 backward
 rows 1.04-1.64x of ATen streamed against 0.72-1.08x plain.
 
@@ -48,6 +49,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}   # sysfs cache sizes: "491520K"
 
 
 def last_level_cache_bytes(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
@@ -68,8 +70,7 @@ def last_level_cache_bytes(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cache") 
                 text = f.read().strip()
         except (OSError, ValueError):
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        size = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text or 0)
+        size = int(text[:-1]) * _SIZE_UNITS[text[-1]] if text[-1:] in _SIZE_UNITS else int(text or 0)
         if level > best_level or (level == best_level and size > best_size):
             best_level, best_size = level, size
     return best_size
