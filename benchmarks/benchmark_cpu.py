@@ -3,9 +3,12 @@
     python benchmarks/benchmark_cpu.py            # CPU_SUITE
     python benchmarks/benchmark_cpu.py --quick    # QUICK_SUITE  # noqa: E402
     python benchmarks/benchmark_cpu.py --rows api # public-API rows only (the targets)
+    python benchmarks/benchmark_cpu.py --no-compile  # without the torch.compile peer
 
 Rows "fwd" / "bwd" / "fwd+bwd" time the public API (groupnorm.group_norm, autograd)
 against F.group_norm the same way ("bwd": the autograd backward alone, forward untimed); "kernel ..." rows call the Numba backend directly.
+Every row also shows torch.compile of F.group_norm (API rows) and the memory floor (see
+groupnorm.bench.cpu).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ def main() -> None:
                         help="torch threads for both sides (numba follows torch); default: torch's")
     parser.add_argument("--rows", choices=("all", "api", "kernel"), default="all",
                         help="public-API rows, backend-direct rows, or both (default)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -40,7 +44,7 @@ def main() -> None:
     passes = {"all": API_PASSES + KERNEL_PASSES, "api": API_PASSES, "kernel": KERNEL_PASSES}[args.rows]
     if hasattr(os, "getloadavg"):
         print("load average before: %.2f %.2f %.2f" % os.getloadavg())
-    rows = run_cpu_benchmark(cases, passes=passes, budget_s=args.budget)
+    rows = run_cpu_benchmark(cases, passes=passes, budget_s=args.budget, compile_peer=not args.no_compile)
     if hasattr(os, "getloadavg"):
         print("load average after: %.2f %.2f %.2f" % os.getloadavg())
     print(format_table(rows))

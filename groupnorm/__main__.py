@@ -40,15 +40,15 @@ def _first_call_cost(device: str) -> str | None:
     return f"first-call compile/load cost of the {registry.backend_name(device)} kernels: {seconds:.2f} s"
 
 
-def _benchmark(device: str, quick: bool, budget_s: float) -> str:
+def _benchmark(device: str, quick: bool, budget_s: float, compile_peer: bool = True) -> str:
     if device == "cuda":
         from .bench import gpu as bench
         cases = suite.QUICK_SUITE if quick else suite.GPU_SUITE
-        rows = bench.run_gpu_benchmark(cases)
+        rows = bench.run_gpu_benchmark(cases, use_compile=compile_peer)
     else:
         from .bench import cpu as bench
         cases = suite.QUICK_SUITE if quick else suite.CPU_SUITE
-        rows = bench.run_cpu_benchmark(cases, budget_s=budget_s)
+        rows = bench.run_cpu_benchmark(cases, budget_s=budget_s, compile_peer=compile_peer)
     table = bench.format_table(rows)
     from .bench import fused
     fused_cases = suite.QUICK_SUITE[:1] if quick else [c for c in cases if c.shape[0] * c.shape[1] <= 2560][:2]
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes only (seconds, not minutes)")
     parser.add_argument("--no-bench", action="store_true", help="correctness checks only")
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per measurement")
+    parser.add_argument("--no-compile", action="store_true", help="benchmarks without the torch.compile peer")
     args = parser.parse_args(argv)
 
     print(_environment(args.device), flush=True)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     print(format_checks(rows, args.device), flush=True)
     failed = [r for r in rows if not r["ok"]]
     if not args.no_bench:
-        print(_benchmark(args.device, args.quick, args.budget), flush=True)
+        print(_benchmark(args.device, args.quick, args.budget, not args.no_compile), flush=True)
     if failed:
         print(f"{len(failed)} correctness check(s) FAILED", file=sys.stderr)
         return 1

@@ -19,9 +19,21 @@ sides. Two kinds of rows:
 Each row also counts minor page faults per call on both sides (after the timing): fresh
 output pages cost a fault per 4 KiB, on a VM more than the kernel, and glibc decides per
 call whether an output of a given size gets fresh pages (see numba_cpu.output_pool).
+
+Two references sit beside ATen in every row, measured in the same run:
+
+* the memory floor: what moving the least bytes the pass needs (FLOOR_PASSES tensors of
+  x's size: a forward reads x and writes y) costs at the speed of ``dst.copy_(x)`` into a
+  preallocated tensor of x's size and layout, timed just before the row's passes. Shown
+  as "floor us" and as the fraction of it each side reaches (100% = as fast as a copy);
+  a side above 100% ran faster than a copy could move those bytes (the data stayed in
+  cache). It tells a slow kernel from a pass that no kernel could make much faster.
+* torch.compile of F.group_norm (``compile_peer=True``; public-API rows), timed
+  interleaved with the other two sides after one untimed call that compiles it.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Dict, Iterable, List
 
@@ -36,6 +48,7 @@ import torch.nn.functional as F
 import groupnorm
 
 from ..backends import numba_cpu
+from .compile_peer import compiled
 from .suite import Case
 from .timing import time_interleaved
 
@@ -44,6 +57,9 @@ FORMATS = {"nchw": torch.contiguous_format, "nhwc": None}
 # Bytes each pass must move at least, in units of x.numel() * element_size.
 TENSOR_PASSES = {"fwd": 2, "bwd": 5, "fwd+bwd": 7,   # fwd: x, y | bwd: dy, x (reduce) +dy, x, dx
                  "kernel fwd": 2, "kernel fwd+bwd": 7, "kernel fused": 7}
+# The least a pass must move, in the same units: every tensor once (a forward that keeps a
+# group in cache between its statistics and its apply reads x once).
+FLOOR_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "kernel fwd": 2, "kernel fwd+bwd": 5, "kernel fused": 5}
 API_PASSES = ("fwd", "bwd", "fwd+bwd")
 KERNEL_PASSES = ("kernel fwd", "kernel fwd+bwd", "kernel fused")
 
@@ -128,10 +144,42 @@ def faults_per_call(fn, calls: int = 5, setup=None) -> float:
     return faults / calls
 
 
+def copy_time(x: torch.Tensor, budget_s: float):
+    """Timing of ``dst.copy_(x)`` (read x, write a tensor of its size and layout, no fresh
+    pages): the unit of the memory floor."""
+    dst = torch.empty_like(x)
+    big = x.numel() >= 8 * 2**20
+    (timing,) = time_interleaved([lambda: dst.copy_(x)], warmup=1 if big else 3, min_runs=5 if big else 10,
+                                 budget_s=budget_s)
+    return timing
+
+
+def _compile_peer(p, x, w, b, dy, groups):
+    """(call, setup) of torch.compile'd F.group_norm for an API pass, compiled by one
+    untimed call here; (None, None) where compiling fails (no C++ compiler, ...)."""
+    fn = compiled(F.group_norm)
+    try:
+        if p == "fwd":
+            call, setup = (lambda: fn(x, groups, w, b, EPS)), None
+            call()
+        elif p == "bwd":
+            call, setup = (lambda graph: _api_bwd(graph, dy)), (lambda: _api_fwd(fn, x, w, b, groups))
+            call(setup())
+        else:
+            call, setup = (lambda: _api_fwd_bwd(fn, x, w, b, dy, groups)), None
+            call()
+    except Exception as exc:   # a missing compiler must not lose the other columns
+        print(f"torch.compile peer failed ({type(exc).__name__}: {str(exc)[:160]}); column left empty",
+              file=sys.stderr)
+        return None, None
+    return call, setup
+
+
 def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat16),
                       formats=("nchw", "nhwc"), passes=API_PASSES + KERNEL_PASSES,
-                      budget_s: float = 0.3) -> List[Dict]:
-    """One row per (case, dtype, format, pass): correctness, then ours vs ATen timings."""
+                      budget_s: float = 0.3, compile_peer: bool = False) -> List[Dict]:
+    """One row per (case, dtype, format, pass): correctness, then ours vs ATen (and, with
+    compile_peer, torch.compile) timings, and the memory floor of the pass."""
     compile_s = numba_cpu.warmup(dtypes=tuple(dtypes))
     rows = []
     for case in cases:
@@ -143,6 +191,7 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                 w = (1 + 0.1 * torch.randn(c)).to(dtype)
                 b = (0.1 * torch.randn(c)).to(dtype)
                 big = x.numel() >= 8 * 2**20
+                copy_us = copy_time(x, 2 * budget_s).median_us
                 for p in passes:
                     setups = None
                     if p in API_PASSES:
@@ -184,19 +233,34 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         first = time.perf_counter() - t0
                         diff = _grad_error(got, x, w, b, dy, case.num_groups)
                         layout_ok = got[1].stride() == x.stride()
-                    runs = dict(warmup=1 if big else 3, min_runs=5 if big else 10, budget_s=2 * budget_s)
-                    t_ours, t_aten = time_interleaved([ours, aten], setups=setups, **runs)
+                    sides, side_setups = [ours, aten], (list(setups) if setups else [None, None])
+                    if compile_peer and p in API_PASSES:
+                        peer, peer_setup = _compile_peer(p, x, w, b, dy, case.num_groups)
+                        if peer is not None:
+                            sides.append(peer)
+                            side_setups.append(peer_setup)
+                    runs = dict(warmup=1 if big else 3, min_runs=5 if big else 10, budget_s=len(sides) * budget_s)
+                    if setups:
+                        timings = time_interleaved(sides, setups=side_setups, **runs)
+                    else:
+                        timings = time_interleaved(sides, **runs)
+                    t_ours, t_aten = timings[:2]
+                    compile_us = timings[2].median_us if len(timings) > 2 else None
                     calls = 2 if big else 5
                     faults = (faults_per_call(ours, calls, setups and setups[0]),
                               faults_per_call(aten, calls, setups and setups[1]))
                     moved = TENSOR_PASSES[p] * x.numel() * x.element_size()
+                    floor_us = FLOOR_PASSES[p] / 2 * copy_us
                     rows.append(dict(
                         case=case.name, dtype=str(dtype).replace("torch.", ""), format=fmt, pass_=p,
                         ours_us=t_ours.median_us, aten_us=t_aten.median_us,
                         speedup=t_aten.median_s / t_ours.median_s,
                         gbps=moved / t_ours.median_s / 1e9, max_diff=diff, layout_ok=layout_ok,
                         first_call_ms=first * 1e3, compile_s=compile_s,
-                        faults_ours=faults[0], faults_aten=faults[1]))
+                        faults_ours=faults[0], faults_aten=faults[1], compile_us=compile_us,
+                        vs_compile=None if compile_us is None else compile_us / t_ours.median_us,
+                        copy_us=copy_us, floor_us=floor_us, floor_ours=floor_us / t_ours.median_us,
+                        floor_aten=floor_us / t_aten.median_us))
     return rows
 
 
@@ -206,12 +270,16 @@ def format_table(rows: List[Dict]) -> str:
     if rows:
         lines.append(f"First-call cost (compile or load of the common signatures): "
                      f"{rows[0]['compile_s']:.1f} s\n")
-    lines.append("| case | dtype | format | pass | ours us | ATen us | speed-up | GB/s ours "
-                 "| max diff | first call ms | page faults/call ours, ATen |")
-    lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| case | dtype | format | pass | ours us | ATen us | speed-up | compile us | vs compile "
+                 "| floor us | of floor ours, ATen | GB/s ours | max diff | first call ms "
+                 "| page faults/call ours, ATen |")
+    lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        peer = r.get("compile_us")
+        compile_cells = "- | -" if peer is None else f"{peer:.0f} | {r['vs_compile']:.2f}x"
         lines.append(f"| {r['case']} | {r['dtype']} | {r['format']} | {r['pass_']} | "
-                     f"{r['ours_us']:.0f} | {r['aten_us']:.0f} | {r['speedup']:.2f}x | "
+                     f"{r['ours_us']:.0f} | {r['aten_us']:.0f} | {r['speedup']:.2f}x | {compile_cells} | "
+                     f"{r['floor_us']:.0f} | {100 * r['floor_ours']:.0f}%, {100 * r['floor_aten']:.0f}% | "
                      f"{r['gbps']:.1f} | {r['max_diff']:.1e} | {r['first_call_ms']:.1f} | "
                      f"{r['faults_ours']:.0f}, {r['faults_aten']:.0f} |")
     return "\n".join(lines)
@@ -243,4 +311,12 @@ def summary(rows: List[Dict]) -> str:
         if quiet and len(quiet) < len(sel):
             out.append(f"- {p}, only rows where neither side page-faulted ({len(quiet)} of {len(sel)}): "
                        f"geomean {geomean(quiet):.2f}x, min {min(quiet):.2f}x")
+        peer = [r["vs_compile"] for r in rows if r["pass_"] == p and r.get("vs_compile") is not None]
+        if peer:
+            out.append(f"- {p} vs torch.compile ({len(peer)} rows): geomean {geomean(peer):.2f}x, "
+                       f"min {min(peer):.2f}x")
+        floor = [(r["floor_ours"], r["floor_aten"]) for r in rows if r["pass_"] == p and "floor_ours" in r]
+        if floor:
+            out.append(f"- {p} share of the memory floor (geomean): ours {100 * geomean(f[0] for f in floor):.0f}%, "
+                       f"ATen {100 * geomean(f[1] for f in floor):.0f}%")
     return "\n".join(out)

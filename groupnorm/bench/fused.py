@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..functional import group_norm
 from ..selfcheck import param_dtype_for
+from .compile_peer import compiled as compile_peer_of
 from .suite import Case
 from .timing import time_fn, time_interleaved
 
@@ -81,14 +82,7 @@ def run_fused_benchmark(cases: Iterable[Case], device="cpu", dtypes=(torch.float
 
     ``progress`` prints each row as it is measured, so a run cut off by a time box keeps them.
     """
-    # One specialised graph per row (shape, dtype, requires_grad): lift dynamo's recompile
-    # limit so late rows are still compiled rather than silently run eagerly.
-    import torch._dynamo.config as dynamo_config
-
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, knob):
-            setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 256))
-    compiled = torch.compile(_composition, dynamic=False) if compile_peer else None
+    compiled = compile_peer_of(_composition) if compile_peer else None
     rows = []
     for case in cases:
         for dtype in dtypes:

@@ -1,0 +1,68 @@
+"""The CPU benchmark's rows: ours, ATen, the torch.compile peer and the memory floor, side
+by side. The compile peer is replaced by a counting eager wrapper (a real Inductor compile
+takes seconds per row); the floor arithmetic and the table/summary columns are checked."""
+import torch
+import torch.nn.functional as F
+
+from groupnorm.bench import cpu
+from groupnorm.bench.suite import Case
+
+CASE = Case("tiny 2x16x8x8", (2, 16, 8, 8), 4)
+
+
+def _run(monkeypatch, peer_factory, passes=cpu.API_PASSES):
+    monkeypatch.setattr(cpu.numba_cpu, "warmup", lambda dtypes=None: 0.0)
+    monkeypatch.setattr(cpu, "compiled", peer_factory)
+    return cpu.run_cpu_benchmark([CASE], dtypes=(torch.float32,), formats=("nchw", "nhwc"), passes=passes,
+                                 budget_s=0.01, compile_peer=True)
+
+
+def test_rows_carry_the_compile_peer_and_the_memory_floor(monkeypatch):
+    calls = []
+
+    def peer_factory(fn):
+        assert fn is F.group_norm
+
+        def peer(*args, **kwargs):
+            calls.append(args[0].requires_grad)
+            return fn(*args, **kwargs)
+        return peer
+
+    rows = _run(monkeypatch, peer_factory, passes=cpu.API_PASSES + ("kernel fwd",))
+    assert len(rows) == 2 * 4
+    assert True in calls and False in calls          # forward-only and training peers both ran
+    for r in rows:
+        assert r["copy_us"] > 0
+        assert r["floor_us"] == cpu.FLOOR_PASSES[r["pass_"]] / 2 * r["copy_us"]
+        assert r["floor_ours"] == r["floor_us"] / r["ours_us"]
+        assert r["floor_aten"] == r["floor_us"] / r["aten_us"]
+        if r["pass_"] in cpu.API_PASSES:
+            assert r["compile_us"] > 0 and r["vs_compile"] == r["compile_us"] / r["ours_us"]
+        else:   # backend-direct rows have no compile peer
+            assert r["compile_us"] is None and r["vs_compile"] is None
+    table = cpu.format_table(rows)
+    assert "| compile us | vs compile | floor us | of floor ours, ATen |" in table
+    kernel_line = next(line for line in table.splitlines() if "| kernel fwd |" in line)
+    assert "| - | - |" in kernel_line
+    summary = cpu.summary(rows)
+    assert "fwd vs torch.compile (2 rows)" in summary
+    assert "bwd share of the memory floor" in summary
+
+
+def test_a_failing_compile_leaves_the_column_empty(monkeypatch, capsys):
+    def peer_factory(fn):
+        def broken(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+        return broken
+
+    rows = _run(monkeypatch, peer_factory, passes=("fwd",))
+    assert [r["compile_us"] for r in rows] == [None, None]
+    assert all(r["ours_us"] > 0 and r["aten_us"] > 0 for r in rows)
+    assert "no C++ compiler" in capsys.readouterr().err
+    assert "vs torch.compile" not in cpu.summary(rows)
+
+
+def test_copy_time_is_a_copy_of_x():
+    x = torch.randn(4, 8, 16, 16).to(memory_format=torch.channels_last)
+    timing = cpu.copy_time(x, 0.01)
+    assert timing.runs >= 10 and timing.median_s > 0
