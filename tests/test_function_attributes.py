@@ -1,6 +1,7 @@
 """LLVM attributes on the package's Numba functions (function_attributes): 512-bit vectors
-on all of them and only them, sum functions kept out of line so that a kernel sums in the
-same order whether compiled in this process or loaded from the disk cache."""
+on them and only them (except the float32/float64 elementwise passes), sum functions kept
+out of line so that a kernel sums in the same order whether compiled in this process or
+loaded from the disk cache."""
 import os
 import subprocess
 import sys
@@ -25,6 +26,11 @@ def _sum_loop(a):
     return total
 
 
+def _scale_loop(a, out):
+    for i in range(a.size):
+        out[i] = a[i] + a[i]
+
+
 def _compiled_as(module_name: str, fastmath, out_of_line=False):
     """A fresh copy of _sum_loop compiled as if defined in module_name (no disk cache)."""
     dispatcher = numba.njit(fastmath=fastmath)(_named(module_name, "sum_loop"))
@@ -35,8 +41,8 @@ def _compiled_as(module_name: str, fastmath, out_of_line=False):
     return dispatcher
 
 
-def _named(module_name, name):
-    fn = type(_sum_loop)(_sum_loop.__code__, _sum_loop.__globals__, name)
+def _named(module_name, name, template=_sum_loop):
+    fn = type(template)(template.__code__, template.__globals__, name)
     fn.__module__, fn.__qualname__ = module_name, name
     return fn
 
@@ -68,6 +74,31 @@ def test_only_package_definitions_are_marked(monkeypatch):
     llvm.parse_assembly(str(module)).verify()   # the attributes are valid IR as printed
 
 
+def test_elementwise_passes_keep_the_default_width_unless_half_typed(monkeypatch):
+    monkeypatch.setattr(fa, "_ELEMENTWISE", set())
+    fa.elementwise(types.SimpleNamespace(py_func=_named("groupnorm.backends.numba_cpu.probe", "applied")))
+    module = ir.Module("probe")
+    name = fa.PACKAGE_PREFIX + "5probe7appliedB2v1E"
+    float32 = _define(module, name + "5ArrayIfLi1E1C7mutable7alignedE")
+    float64 = _define(module, name + "5ArrayIdLi2E1A7mutable7alignedE")
+    bfloat16 = _define(module, name + "5ArrayIfLi1E1C7mutable7alignedE5ArrayItLi2E1C7mutable7alignedE")
+    float16 = _define(module, name + "5ArrayIsLi2E1A8readonly7alignedE")
+    other = _define(module, fa.PACKAGE_PREFIX + "5probe8appliedXB2v1E5ArrayIfLi1E1C7mutable7alignedE")
+    assert fa.mark_package_functions(module) == 5
+    assert fa.WIDE_VECTORS not in float32.attributes and fa.WIDE_VECTORS not in float64.attributes
+    for fn in (bfloat16, float16, other):
+        assert fa.WIDE_VECTORS in fn.attributes
+    llvm.parse_assembly(str(module)).verify()
+
+
+def test_the_elementwise_passes_are_registered():
+    from groupnorm.backends.numba_cpu import apply_kernels, backward_kernels, forward_kernels
+
+    for fn in (forward_kernels.group_task, apply_kernels.apply_rows_none, apply_kernels.apply_pixels,
+               backward_kernels.dx_rows_none, backward_kernels.dx_pixels):
+        assert fa.mangled_prefix(f"{fn.py_func.__module__}.{fn.py_func.__qualname__}") in fa._ELEMENTWISE
+
+
 def test_the_sum_kernels_are_registered():
     from groupnorm.backends.numba_cpu import backward_kernels, stats_kernels
 
@@ -76,12 +107,16 @@ def test_the_sum_kernels_are_registered():
         assert fa.mangled_prefix(f"{fn.py_func.__module__}.{fn.py_func.__qualname__}") in fa._OUT_OF_LINE
 
 
-def _attributes_of_sum_loop(dispatcher) -> str:
-    """The attributes of the compiled sum_loop itself (not of Numba's runtime helpers)."""
-    module = llvm.parse_assembly(dispatcher.inspect_llvm(dispatcher.signatures[0]))
-    (fn,) = [f for f in module.functions if "sum_loop" in f.name and not f.is_declaration
+def _attributes_of(dispatcher, name, signature) -> str:
+    """The attributes of the compiled function itself (not of Numba's runtime helpers)."""
+    module = llvm.parse_assembly(dispatcher.inspect_llvm(signature))
+    (fn,) = [f for f in module.functions if name in f.name and not f.is_declaration
              and f.name.startswith("_ZN") and not f.name.startswith("_ZN7cpython")]   # not the wrappers
     return " ".join(str(a) for a in fn.attributes)
+
+
+def _attributes_of_sum_loop(dispatcher) -> str:
+    return _attributes_of(dispatcher, "sum_loop", dispatcher.signatures[0])
 
 
 def test_compiled_code_carries_the_attributes_only_in_the_package():
@@ -99,6 +134,17 @@ def test_compiled_code_carries_the_attributes_only_in_the_package():
 def test_package_loops_use_512_bit_registers_on_avx512():
     ours = _compiled_as(OURS, {"reassoc", "contract"})
     assert "zmm" in ours.inspect_asm(ours.signatures[0])
+
+
+def test_compiled_elementwise_passes_are_wide_only_for_half_types():
+    dispatcher = fa.elementwise(numba.njit(_named(OURS + "_elementwise", "scale_loop", _scale_loop)))
+    for dtype, wide in ((np.float32, False), (np.float64, False), (np.uint16, True), (np.int16, True)):
+        a = np.arange(1000).astype(dtype)
+        out = np.empty_like(a)
+        dispatcher(a, out)
+        assert np.array_equal(out, a + a)
+        attributes = _attributes_of(dispatcher, "scale_loop", dispatcher.signatures[-1])
+        assert ("prefer-vector-width" in attributes) is wide, dtype
 
 
 _FORWARD = """

@@ -13,6 +13,7 @@ from numba import njit, prange
 from .activations import NONE, activate_block
 from .elements import load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
+from .function_attributes import elementwise
 from .streaming import stream_span, store_fence
 
 BLOCK = 512           # staging buffer length for activations
@@ -74,6 +75,7 @@ def stream_scratch(act, length, like, out_like):
     return np.empty(length if act != NONE else 0, like.dtype), np.empty(length, out_like.dtype)
 
 
+@elementwise
 @njit(**JIT)
 def apply_rows_none(x, y, lo, hi, mean_c, a, b):
     """Rows lo..hi-1 without an activation, indexing the 2-D arrays directly: no per-row
@@ -132,6 +134,7 @@ def stage_z1(xn, r0, rows, mc, an, bn, buf):
             buf[base + c] = (load(xn, (r0 + j, c)) - mc[c]) * an[c] + bn[c]
 
 
+@elementwise
 @njit(**JIT)
 def apply_pixels(xn, yn, lo, hi, mc, an, bn, act, buf):
     """Pixels lo..hi-1 of one channels-last sample xn, yn (HW, C) with its coefficient

@@ -25,7 +25,7 @@ from .activations import NONE, grad_block
 from .apply_kernels import STREAM_SPAN, stage_z1, stream_scratch
 from .elements import cast_like, load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
-from .function_attributes import out_of_line
+from .function_attributes import elementwise, out_of_line
 from .streaming import stream_span, store_fence
 
 BLOCK = 512           # staging buffer length for act'(z1)
@@ -275,6 +275,7 @@ def dx_row_streamed(dr, xr, out_row, m, ar, br, pr, qr, act, buf, out):
         stream_span(out_row, lo, out, count)
 
 
+@elementwise
 @njit(**JIT)
 def dx_rows_none(dy, x, dx, lo, hi, mean_c, a, p, q):
     """dx_row_block without an activation, 2-D indexing (no per-row views)."""
@@ -314,6 +315,7 @@ def dx_rows(dy, x, dx, mean_c, a, b, p, q, act, stream):
         dx_row_block(dy, x, dx, lo, min(lo + per_task, rows), mean_c, a, b, p, q, act, stream)
 
 
+@elementwise
 @njit(**JIT)
 def dx_pixels(dyn, xn, dxn, lo, hi, mc, an, bn, pn, qn, act, buf):
     """dx over pixels lo..hi-1 of one sample (HW, C); a plain callee so it vectorises;

@@ -17,6 +17,7 @@ from .coefs import z1_coefs, z1_coefs_sample
 from .activations import NONE
 from .elements import cast_like, load
 from .fast_store import store_out as store
+from .function_attributes import elementwise
 from .streaming import store_fence
 from .stats_kernels import (merge_pixel_blocks, pixel_task_moments, pixel_task_rows, row_moments,
                             stats_channels_last, stats_rows)
@@ -137,6 +138,7 @@ def forward_groups(x_groups, y_groups, hw, weight, bias, scale, shift, eps, act,
         group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream)
 
 
+@elementwise
 @njit(cache=True, error_model="numpy", fastmath={"contract", "nsz"})   # as apply_kernels
 def group_task(x_groups, y_groups, r, hw, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream):
     """One (n, g) group of forward_groups: statistics, then the apply while it is warm.

@@ -3,12 +3,17 @@
 Two jobs, both applied in ``CPUContext.post_lowering`` to the functions of this package
 only (other Numba code in the process keeps LLVM's defaults):
 
-* ``"prefer-vector-width"="512"`` on every function (what clang's
-  ``-mprefer-vector-width=512`` sets). LLVM's tuning for cores with AVX-512 keeps loops
-  at 256 bits, half of what ATen's AVX-512 kernels use; our bfloat16 loops, bound by
-  their bit conversions, ran 10-21% faster with 512-bit vectors on an AVX-512 Xeon
-  (BENCHMARKS.md), float32 loops, bound by memory, unchanged. A CPU without AVX-512
-  ignores it: LLVM never vectorises wider than the registers.
+* ``"prefer-vector-width"="512"`` (what clang's ``-mprefer-vector-width=512`` sets).
+  LLVM's tuning for cores with AVX-512 keeps loops at 256 bits, half of what ATen's
+  AVX-512 kernels use; our bfloat16 loops, bound by their bit conversions, ran 10-32%
+  faster with 512-bit vectors on an AVX-512 Xeon (BENCHMARKS.md), and so did the
+  channels-last statistics and backward sums of small float32 shapes (up to 16%). The
+  exception are the float32/float64 specialisations of the elementwise passes registered
+  with ``elementwise`` (apply, dx): bound by memory, they ran 1-10% faster with 256-bit
+  vectors (measured per kernel in one process, clones of the same code with and without
+  the attribute), so they keep LLVM's default; their half-type specialisations (arrays
+  of uint16/int16 bits in the signature) get the wide vectors. A CPU without AVX-512
+  ignores the attribute: LLVM never vectorises wider than the registers.
 * ``noinline`` on the sum functions registered with ``out_of_line`` (the only ones
   compiled with ``reassoc``). Reassociation lets LLVM regroup a sum once the function is
   inlined into a caller (with the caller's constants, trip counts, unrolling), so the same
@@ -32,6 +37,10 @@ WIDE_VECTORS = '"prefer-vector-width"="512"'
 # Numba's mangled names start with the Itanium encoding of the defining module's path.
 PACKAGE_PREFIX = "_ZN9groupnorm8backends9numba_cpu"
 _OUT_OF_LINE: set = set()   # mangled-name prefixes of the registered sum functions
+_ELEMENTWISE: set = set()   # ... and of the elementwise passes
+# Half types reach the kernels as arrays of their bits: Itanium "t" = uint16 (bfloat16),
+# "s" = int16 (float16), in the mangled argument types of a specialisation.
+HALF_ARRAY_CODES = ("5ArrayIt", "5ArrayIs")
 
 
 def mangled_prefix(qualified_name: str) -> str:
@@ -43,15 +52,32 @@ def mangled_prefix(qualified_name: str) -> str:
     return mangled[:-1]
 
 
+def _prefix_of(dispatcher) -> str:
+    py_func = dispatcher.py_func
+    return mangled_prefix(f"{py_func.__module__}.{py_func.__qualname__}")
+
+
 def out_of_line(dispatcher):
     """Decorator (outside ``@njit``): never inline this function into its callers."""
-    py_func = dispatcher.py_func
-    _OUT_OF_LINE.add(mangled_prefix(f"{py_func.__module__}.{py_func.__qualname__}"))
+    _OUT_OF_LINE.add(_prefix_of(dispatcher))
     return dispatcher
 
 
-def _registered(name: str) -> bool:
-    return any(name.startswith(p) and name[len(p):len(p) + 1] in ("B", "E") for p in _OUT_OF_LINE)
+def elementwise(dispatcher):
+    """Decorator (outside ``@njit``): a memory-bound elementwise pass; its float32/float64
+    specialisations keep LLVM's default vector width (see above)."""
+    _ELEMENTWISE.add(_prefix_of(dispatcher))
+    return dispatcher
+
+
+def _registered(name: str, prefixes=None) -> bool:
+    prefixes = _OUT_OF_LINE if prefixes is None else prefixes
+    return any(name.startswith(p) and name[len(p):len(p) + 1] in ("B", "E") for p in prefixes)
+
+
+def wants_wide_vectors(name: str) -> bool:
+    """Every package function but the float32/float64 specialisations of elementwise ones."""
+    return not _registered(name, _ELEMENTWISE) or any(code in name for code in HALF_ARRAY_CODES)
 
 
 def mark_package_functions(module) -> int:
@@ -63,7 +89,8 @@ def mark_package_functions(module) -> int:
             continue
         # FunctionAttributes.add accepts LLVM's keyword attributes only; a string
         # attribute is printed as given ('"key"="value"' in the define line).
-        set.add(fn.attributes, WIDE_VECTORS)
+        if wants_wide_vectors(fn.name):
+            set.add(fn.attributes, WIDE_VECTORS)
         if _registered(fn.name) and "alwaysinline" not in fn.attributes:
             fn.attributes.add("noinline")
         marked += 1
