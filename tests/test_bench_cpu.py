@@ -66,3 +66,23 @@ def test_copy_time_is_a_copy_of_x():
     x = torch.randn(4, 8, 16, 16).to(memory_format=torch.channels_last)
     timing = cpu.copy_time(x, 0.01)
     assert timing.runs >= 10 and timing.median_s > 0
+
+
+def test_compile_peers_lift_dynamos_recompile_limit(monkeypatch):
+    """Past dynamo's recompile limit (8) a compiled function runs eagerly without a word:
+    both benchmark peers lift it before compiling (the compile itself is stubbed here)."""
+    import torch._dynamo.config as dynamo_config
+
+    from groupnorm.bench import compile_peer, gpu
+
+    knob = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, knob, 8)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: ("compiled", fn, kwargs))
+    monkeypatch.setattr(compile_peer, "_COMPILED", {})
+    monkeypatch.setattr(gpu, "_COMPILED", {})
+    assert compile_peer.compiled(F.group_norm) == ("compiled", F.group_norm, {"dynamic": False})
+    assert compile_peer.compiled(F.group_norm) is compile_peer.compiled(F.group_norm)   # made once
+    assert getattr(dynamo_config, knob) >= compile_peer.RECOMPILE_LIMIT
+    monkeypatch.setattr(dynamo_config, knob, 8)
+    assert gpu._compiled_group_norm() == ("compiled", F.group_norm, {})
+    assert getattr(dynamo_config, knob) >= compile_peer.RECOMPILE_LIMIT
