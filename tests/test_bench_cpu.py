@@ -70,19 +70,25 @@ def test_copy_time_is_a_copy_of_x():
 
 def test_compile_peers_lift_dynamos_recompile_limit(monkeypatch):
     """Past dynamo's recompile limit (8) a compiled function runs eagerly without a word:
-    both benchmark peers lift it before compiling (the compile itself is stubbed here)."""
+    both benchmark peers lift it before compiling (the compile itself is stubbed here).
+    The limit is set and restored with plain setattr: monkeypatch's undo deletes the
+    attribute of torch's config module, which then hides the option for good."""
     import torch._dynamo.config as dynamo_config
 
     from groupnorm.bench import compile_peer, gpu
 
     knob = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo_config, knob, 8)
+    original = getattr(dynamo_config, knob)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: ("compiled", fn, kwargs))
     monkeypatch.setattr(compile_peer, "_COMPILED", {})
     monkeypatch.setattr(gpu, "_COMPILED", {})
-    assert compile_peer.compiled(F.group_norm) == ("compiled", F.group_norm, {"dynamic": False})
-    assert compile_peer.compiled(F.group_norm) is compile_peer.compiled(F.group_norm)   # made once
-    assert getattr(dynamo_config, knob) >= compile_peer.RECOMPILE_LIMIT
-    monkeypatch.setattr(dynamo_config, knob, 8)
-    assert gpu._compiled_group_norm() == ("compiled", F.group_norm, {})
-    assert getattr(dynamo_config, knob) >= compile_peer.RECOMPILE_LIMIT
+    try:
+        setattr(dynamo_config, knob, 8)
+        assert compile_peer.compiled(F.group_norm) == ("compiled", F.group_norm, {"dynamic": False})
+        assert compile_peer.compiled(F.group_norm) is compile_peer.compiled(F.group_norm)   # made once
+        assert getattr(dynamo_config, knob) >= compile_peer.RECOMPILE_LIMIT
+        setattr(dynamo_config, knob, 8)
+        assert gpu._compiled_group_norm() == ("compiled", F.group_norm, {})
+        assert getattr(dynamo_config, knob) >= compile_peer.RECOMPILE_LIMIT
+    finally:
+        setattr(dynamo_config, knob, original)
