@@ -6,8 +6,10 @@ Times, interleaved in one process (medians, two threads, no gradients): the comp
 forward kernel alone (numpy arrays, fixed output), the launcher (``numba_cpu.forward_output``),
 the public API (``groupnorm.group_norm``), a *lean* call (the least Python that reaches
 the same kernel entry: a pooled output, one numpy statistics array, three addresses, one
-call; no checks, so a measuring stick, not an API), ATen's ``F.group_norm`` and a copy of
-x. Then the cost of single operations right after a large kernel call ("cold", caches
+call; no checks, so a measuring stick, not an API), a *checked lean* call (the same plus
+every check of the everyday call written inline in one function: torch-function
+dispatch, validation, modes, autocast, grad, layout, backend), ATen's ``F.group_norm``
+and a copy of x. Then the cost of single operations right after a large kernel call ("cold", caches
 just flushed by the kernel) against the same operation in a tight loop ("warm").
 
 The lean call gives the same bits as the API (checked first).
@@ -25,7 +27,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from groupnorm import group_norm, validation  # noqa: E402
+from torch.overrides import has_torch_function_variadic  # noqa: E402
+
+from groupnorm import eager, group_norm, validation  # noqa: E402
 from groupnorm.backends import numba_cpu, registry  # noqa: E402
 from groupnorm.backends.numba_cpu import alloc  # noqa: E402
 from groupnorm.backends.numba_cpu.addresses import WITNESS, forward_groups_at  # noqa: E402
@@ -48,6 +52,32 @@ def lean_forward(x, groups, w, b, eps):
     return y
 
 
+_MODES = (torch._C._is_torch_function_mode_enabled, torch._C._len_torch_dispatch_stack, torch.compiler.is_compiling)
+
+
+def checked_lean_forward(x, groups, w=None, b=None, eps=1e-5):
+    """lean_forward behind every check the API makes for an everyday no-grad call, inline
+    (None where the API's general path would be needed). Contiguous float32 only."""
+    if has_torch_function_variadic(x, w, b) or type(x) is not torch.Tensor or type(groups) is not int:
+        return None
+    shape = x.shape
+    if groups <= 0 or len(shape) < 2 or shape[1] % groups or x.dtype is not torch.float32 or not x.is_cpu:
+        return None
+    if x.numel() == groups:
+        return None
+    for t in (w, b):
+        if t is not None and (type(t) is not torch.Tensor or t.shape != (shape[1],) or not t.is_cpu
+                              or t.requires_grad or t.dtype is not torch.float32):
+            return None
+    if not eager.ENABLED or any(mode() for mode in _MODES) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return None
+    if torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and x.requires_grad) or not x.is_contiguous():
+        return None
+    if registry.backend_for("cpu") is not numba_cpu:
+        return None
+    return lean_forward(x, groups, w, b, eps)
+
+
 def split(shape):
     n, c = shape[0], shape[1]
     hw = int(np.prod(shape[2:]))
@@ -58,12 +88,14 @@ def split(shape):
     empty = np.empty(0, np.float32)
     xg, wn, bn = x.numpy().reshape(n * GROUPS, -1), w.numpy(), b.numpy()
     assert torch.equal(lean_forward(x, GROUPS, w, b, 1e-5), group_norm(x, GROUPS, w, b))
+    assert torch.equal(checked_lean_forward(x, GROUPS, w, b, 1e-5), group_norm(x, GROUPS, w, b))
     dst = torch.empty_like(x)
     sides = {
         "kernel": lambda: forward_groups(xg, y, hw, wn, bn, empty, empty, 1e-5, 0, _ZERO, mean, rstd, None),
         "launcher": lambda: numba_cpu.forward_output(x, w, b, None, None, GROUPS, 1e-5, "none"),
         "API": lambda: group_norm(x, GROUPS, w, b),
         "lean": lambda: lean_forward(x, GROUPS, w, b, 1e-5),
+        "checked lean": lambda: checked_lean_forward(x, GROUPS, w, b, 1e-5),
         "ATen": lambda: F.group_norm(x, GROUPS, w, b),
         "copy": lambda: dst.copy_(x),
     }
@@ -110,7 +142,8 @@ def main() -> None:
     numba.set_num_threads(2)
     print(f"torch {torch.__version__}, numba {numba.__version__}, threads 2, float32 contiguous forward, "
           f"no grad; medians in us")
-    print("| shape | kernel | launcher | API | lean | ATen | copy |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("| shape | kernel | launcher | API | lean | checked lean | ATen | copy |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape in SHAPES:
         split(shape)
     cold_ops()
