@@ -9,9 +9,10 @@ only (other Numba code in the process keeps LLVM's defaults):
   faster with 512-bit vectors on an AVX-512 Xeon (BENCHMARKS.md), and so did the
   channels-last statistics and backward sums of small float32 shapes (up to 16%). The
   exception are the float32/float64 specialisations of the elementwise passes registered
-  with ``elementwise`` (apply, dx): bound by memory, they ran 1-10% faster with 256-bit
-  vectors (measured per kernel in one process, clones of the same code with and without
-  the attribute), so they keep LLVM's default; their half-type specialisations (arrays
+  with ``elementwise`` (apply, dx): bound by memory, they ran up to 13% faster with
+  256-bit vectors on mid and large shapes, within +-6% on the smallest (measured per
+  kernel in one process, clones of the same code with and without the attribute:
+  benchmarks/ab_vector_width.py), so they keep LLVM's default; their half-type specialisations (arrays
   of uint16/int16 bits in the signature) get the wide vectors. A CPU without AVX-512
   ignores the attribute: LLVM never vectorises wider than the registers.
 * ``noinline`` on the sum functions registered with ``out_of_line`` (the only ones
