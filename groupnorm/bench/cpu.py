@@ -144,13 +144,11 @@ def faults_per_call(fn, calls: int = 5, setup=None) -> float:
     return faults / calls
 
 
-def copy_time(x: torch.Tensor, budget_s: float):
+def copy_time(x: torch.Tensor, budget_s: float, warmup: int = 3, min_runs: int = 10):
     """Timing of ``dst.copy_(x)`` (read x, write a tensor of its size and layout, no fresh
     pages): the unit of the memory floor."""
     dst = torch.empty_like(x)
-    big = x.numel() >= 8 * 2**20
-    (timing,) = time_interleaved([lambda: dst.copy_(x)], warmup=1 if big else 3, min_runs=5 if big else 10,
-                                 budget_s=budget_s)
+    (timing,) = time_interleaved([lambda: dst.copy_(x)], warmup=warmup, min_runs=min_runs, budget_s=budget_s)
     return timing
 
 
@@ -191,7 +189,8 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                 w = (1 + 0.1 * torch.randn(c)).to(dtype)
                 b = (0.1 * torch.randn(c)).to(dtype)
                 big = x.numel() >= 8 * 2**20
-                copy_us = copy_time(x, 2 * budget_s).median_us
+                counts = dict(warmup=1 if big else 3, min_runs=5 if big else 10)   # every timing of this x
+                copy_us = copy_time(x, 2 * budget_s, **counts).median_us
                 for p in passes:
                     setups = None
                     if p in API_PASSES:
@@ -233,17 +232,14 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         first = time.perf_counter() - t0
                         diff = _grad_error(got, x, w, b, dy, case.num_groups)
                         layout_ok = got[1].stride() == x.stride()
-                    sides, side_setups = [ours, aten], (list(setups) if setups else [None, None])
+                    sides = [ours, aten]
                     if compile_peer and p in API_PASSES:
                         peer, peer_setup = _compile_peer(p, x, w, b, dy, case.num_groups)
                         if peer is not None:
                             sides.append(peer)
-                            side_setups.append(peer_setup)
-                    runs = dict(warmup=1 if big else 3, min_runs=5 if big else 10, budget_s=len(sides) * budget_s)
-                    if setups:
-                        timings = time_interleaved(sides, setups=side_setups, **runs)
-                    else:
-                        timings = time_interleaved(sides, **runs)
+                            if setups:   # "bwd": each side's call gets its own fresh graph
+                                setups = setups + [peer_setup]
+                    timings = time_interleaved(sides, setups=setups, budget_s=len(sides) * budget_s, **counts)
                     t_ours, t_aten = timings[:2]
                     compile_us = timings[2].median_us if len(timings) > 2 else None
                     calls = 2 if big else 5
@@ -315,7 +311,7 @@ def summary(rows: List[Dict]) -> str:
         if peer:
             out.append(f"- {p} vs torch.compile ({len(peer)} rows): geomean {geomean(peer):.2f}x, "
                        f"min {min(peer):.2f}x")
-        floor = [(r["floor_ours"], r["floor_aten"]) for r in rows if r["pass_"] == p and "floor_ours" in r]
+        floor = [(r["floor_ours"], r["floor_aten"]) for r in rows if r["pass_"] == p]
         if floor:
             out.append(f"- {p} share of the memory floor (geomean): ours {100 * geomean(f[0] for f in floor):.0f}%, "
                        f"ATen {100 * geomean(f[1] for f in floor):.0f}%")
