@@ -19,8 +19,13 @@ Tensor = torch.Tensor
 ENABLED = True
 
 
+_Parameter = torch.nn.Parameter
+
+
 def _plain(t) -> bool:
-    return t is None or type(t) is torch.Tensor
+    """None or a tensor whose memory the kernels may read: an exact torch.Tensor, or an
+    nn.Parameter (every module's weight; its __torch_function__ is disabled)."""
+    return t is None or type(t) is torch.Tensor or type(t) is _Parameter
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -32,11 +37,13 @@ _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 def usable(x: Tensor, weight=None, bias=None, scale=None, shift=None) -> bool:
     """True when nothing can observe the difference between the op and a direct call.
     (Cheapest checks first: this runs on every eager call.)"""
+    if _is_compiling():   # first: dynamo traces this and cannot trace the mode queries below
+        return False
     if not ENABLED or type(x) is not torch.Tensor or not (_plain(weight) and _plain(bias)):
         return False
     if not (scale is None and shift is None) and not (_plain(scale) and _plain(shift)):
         return False
-    if _function_mode_on() or _dispatch_modes() or _is_compiling() or _functorch_wrapped(x):
+    if _function_mode_on() or _dispatch_modes() or _functorch_wrapped(x):
         return False
     return not torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
 

@@ -88,7 +88,7 @@ _FLOAT_SET = frozenset(FLOAT_DTYPES)
 def _plain_param_ok(t, x: torch.Tensor, channels: int) -> bool:
     if t is None:
         return True
-    if type(t) is not torch.Tensor or t.shape != (channels,):
+    if (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or t.shape != (channels,):
         return False
     if not (t.is_cpu and x.is_cpu) and t.device != x.device:   # is_cpu: no device objects
         return False

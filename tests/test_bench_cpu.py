@@ -92,3 +92,29 @@ def test_compile_peers_lift_dynamos_recompile_limit(monkeypatch):
         assert getattr(dynamo_config, knob) >= compile_peer.RECOMPILE_LIMIT
     finally:
         setattr(dynamo_config, knob, original)
+
+
+def test_module_rows_time_our_module_against_torchs(monkeypatch):
+    """The module rows call groupnorm.GroupNorm and torch.nn.GroupNorm with the same
+    Parameters: the forward under no_grad, the training pass into .grad on both sides."""
+    seen = {"ours": [], "torch": []}
+    ours_forward, torch_forward = cpu.groupnorm.GroupNorm.forward, torch.nn.GroupNorm.forward
+
+    def spy(name, original):
+        def forward(self, x):
+            seen[name].append((type(self.weight), torch.is_grad_enabled(), x.requires_grad))
+            return original(self, x)
+        return forward
+
+    monkeypatch.setattr(cpu.groupnorm.GroupNorm, "forward", spy("ours", ours_forward))
+    monkeypatch.setattr(torch.nn.GroupNorm, "forward", spy("torch", torch_forward))
+    rows = _run(monkeypatch, lambda fn: fn, passes=cpu.MODULE_PASSES)
+    assert [r["pass_"] for r in rows] == ["module fwd", "module fwd+bwd"] * 2
+    for r in rows:
+        assert r["compile_us"] is None and r["ours_us"] > 0 and r["aten_us"] > 0
+        assert r["layout_ok"] and r["max_diff"] < 1e-4
+    for calls in seen.values():
+        assert {c[0] for c in calls} == {torch.nn.Parameter}
+        assert (False, False) in {c[1:] for c in calls}   # inference calls
+        assert (True, True) in {c[1:] for c in calls}     # training calls
+    assert "module fwd+bwd nhwc: geomean" in cpu.summary(rows)

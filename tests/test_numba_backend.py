@@ -31,6 +31,7 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(alloc, "output_like", nan_output)
     monkeypatch.setattr(alloc, "output_tensor_like",
                         lambda x, channels_last: (torch.full_like(x, float("nan")), None))
+    monkeypatch.setattr(alloc, "output_known", lambda x, *facts: torch.full_like(x, float("nan")))
     monkeypatch.setattr(alloc, "empty", lambda shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
 
     def nan_pair(shape, dtype):
@@ -112,6 +113,22 @@ def test_forward_output_is_forwards_y(shape, groups, cl, dtype, act, scaled):
     assert not torch.isnan(y).any()
     assert torch.equal(y, want)
     ry = reference.forward(x.double(), f64(w), f64(b), f64(s), f64(t), groups, 1e-5, act)[0]
+    torch.testing.assert_close(y.double(), ry, atol=2 * ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("shape,groups,cl", CASES)
+@pytest.mark.parametrize("dtype,param_dtype,act", [(d, d, "none") for d in DTYPES]
+                         + [(torch.bfloat16, torch.float32, "gelu"), (torch.float32, torch.float32, "silu")])
+def test_forward_known_is_forwards_y(shape, groups, cl, dtype, param_dtype, act):
+    """The everyday entry (facts read by the caller, passed in) writes every element of
+    forward's y, for both layouts, every dtype, parameters in float32 for a half x."""
+    x = make_x(shape, dtype, cl, seed=5)
+    w, b, _, _ = make_params(shape[1], shape[0], dtype, param_dtype=param_dtype, seed=6)
+    y = numba_cpu.forward_known(x, x.shape, x.dtype, x.numel(), cl, w, b, groups, 1e-5, act)
+    same_layout(y, x)
+    assert not torch.isnan(y).any()
+    assert torch.equal(y, numba_cpu.forward(x, w, b, None, None, groups, 1e-5, act)[0])
+    ry = reference.forward(x.double(), f64(w), f64(b), None, None, groups, 1e-5, act)[0]
     torch.testing.assert_close(y.double(), ry, atol=2 * ATOL[dtype], rtol=0)
 
 

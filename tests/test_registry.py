@@ -40,3 +40,37 @@ def test_context_override_routes_calls(monkeypatch):
     torch.testing.assert_close(y, F.group_norm(x, 4))
     groupnorm.group_norm(x, 4)   # outside the block: the default backend again
     assert calls == [1] or registry.backend_name("cpu") == "reference"
+
+
+def test_cpu_backend_follows_environment_and_overrides(monkeypatch):
+    """The everyday call's memo (registry.cpu_backend) gives backend_for's answer after
+    every change: environment variable set and removed, override blocks in this thread
+    and in another."""
+    import threading
+
+    default = registry.backend_for("cpu")
+    assert registry.cpu_backend() is default
+    monkeypatch.setenv("GROUPNORM_BACKEND_CPU", "reference")
+    assert registry.cpu_backend().__name__ == "groupnorm.reference"
+    monkeypatch.delenv("GROUPNORM_BACKEND_CPU")
+    assert registry.cpu_backend() is default
+    with registry.use_backend("reference", "cpu"):
+        assert registry.cpu_backend().__name__ == "groupnorm.reference"
+    assert registry.cpu_backend() is default
+    entered, leave, seen = threading.Event(), threading.Event(), []
+
+    def other_thread():
+        with registry.use_backend("reference", "cpu"):
+            seen.append(registry.cpu_backend().__name__)
+            entered.set()
+            leave.wait(10)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    entered.wait(10)
+    try:
+        assert registry.cpu_backend() is default   # the other thread's block is its own
+    finally:
+        leave.set()
+        worker.join()
+    assert seen == ["groupnorm.reference"]

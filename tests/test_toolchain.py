@@ -160,6 +160,21 @@ def test_compile_sees_one_custom_op_per_norm():
     assert code.count("torch.ops.groupnorm.forward") == 2
 
 
+@pytest.mark.parametrize("params", ["tensors", "parameters", "none"])
+def test_compile_sees_the_functional_call_as_one_op(params):
+    """group_norm called directly (not through a module) with plain tensor, Parameter or
+    no weights: no graph break, one custom op, whatever eager shortcuts the call takes."""
+    w, b = torch.randn(8), torch.randn(8)
+    if params == "parameters":
+        w, b = torch.nn.Parameter(w), torch.nn.Parameter(b)
+    elif params == "none":
+        w = b = None
+    x = _input((2, 8, 6, 6))
+    explanation = torch._dynamo.explain(lambda t: groupnorm.group_norm(t, 4, w, b))(x)
+    assert explanation.graph_break_count == 0
+    assert "\n".join(g.code for g in explanation.graphs).count("torch.ops.groupnorm.forward") == 1
+
+
 # --- autocast -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -9,6 +9,11 @@ sides. Two kinds of rows:
   on both sides identically (custom-op dispatch, autograd graph and all); "bwd" times
   that ``torch.autograd.grad`` alone, each call on a fresh graph whose forward ran
   untimed just before (the backward target of issue 3 is stated for the backward).
+* modules ("module fwd", "module fwd+bwd"): ``groupnorm.GroupNorm`` against
+  ``torch.nn.GroupNorm`` with the same weights (``nn.Parameter``s in x's dtype), as a model
+  calls them: a forward under ``torch.no_grad()`` (inference), and a forward on an input
+  that requires grad followed by ``y.backward(dy)`` into the parameters' ``.grad``
+  (training; grads reset to None before each call on both sides). No torch.compile peer.
 * backend-direct ("kernel fwd", "kernel fwd+bwd"): ``numba_cpu.forward`` against
   F.group_norm; our forward + backward_reduce + the small (N, C) torch sums +
   backward_dx against ATen's native_group_norm + native_group_norm_backward. These leave
@@ -56,11 +61,13 @@ EPS = 1e-5
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": None}
 # Bytes each pass must move at least, in units of x.numel() * element_size.
 TENSOR_PASSES = {"fwd": 2, "bwd": 5, "fwd+bwd": 7,   # fwd: x, y | bwd: dy, x (reduce) +dy, x, dx
-                 "kernel fwd": 2, "kernel fwd+bwd": 7, "kernel fused": 7}
+                 "module fwd": 2, "module fwd+bwd": 7, "kernel fwd": 2, "kernel fwd+bwd": 7, "kernel fused": 7}
 # The least a pass must move, in the same units: every tensor once (a forward that keeps a
 # group in cache between its statistics and its apply reads x once).
-FLOOR_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "kernel fwd": 2, "kernel fwd+bwd": 5, "kernel fused": 5}
+FLOOR_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "module fwd": 2, "module fwd+bwd": 5, "kernel fwd": 2,
+                "kernel fwd+bwd": 5, "kernel fused": 5}
 API_PASSES = ("fwd", "bwd", "fwd+bwd")
+MODULE_PASSES = ("module fwd", "module fwd+bwd")
 KERNEL_PASSES = ("kernel fwd", "kernel fwd+bwd", "kernel fused")
 
 
@@ -114,6 +121,30 @@ def _api_bwd(graph, dy):
 
 def _api_fwd_bwd(fn, x, w, b, dy, groups):
     return _api_bwd(_api_fwd(fn, x, w, b, groups), dy)
+
+
+def _module_pair(w, b, groups):
+    """(groupnorm.GroupNorm, torch.nn.GroupNorm) with weight w and bias b as Parameters."""
+    pair = (groupnorm.GroupNorm(groups, w.shape[0], EPS), torch.nn.GroupNorm(groups, w.shape[0], EPS))
+    for m in pair:
+        m.weight = torch.nn.Parameter(w.clone())
+        m.bias = torch.nn.Parameter(b.clone())
+    return pair
+
+
+def _module_fwd(m, x):
+    with torch.no_grad():
+        return m(x)
+
+
+def _module_fwd_bwd(m, x, dy):
+    """A training step's share: forward on an input that requires grad, backward into
+    the parameters' .grad (reset first) -> (y, dx, dweight, dbias)."""
+    m.weight.grad = m.bias.grad = None
+    xl = x.detach().requires_grad_()
+    y = m(xl)
+    y.backward(dy)
+    return y, xl.grad, m.weight.grad, m.bias.grad
 
 
 def _grad_error(got, x, w, b, dy, groups) -> float:
@@ -174,7 +205,7 @@ def _compile_peer(p, x, w, b, dy, groups):
 
 
 def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat16),
-                      formats=("nchw", "nhwc"), passes=API_PASSES + KERNEL_PASSES,
+                      formats=("nchw", "nhwc"), passes=API_PASSES + MODULE_PASSES + KERNEL_PASSES,
                       budget_s: float = 0.3, compile_peer: bool = False) -> List[Dict]:
     """One row per (case, dtype, format, pass): correctness, then ours vs ATen (and, with
     compile_peer, torch.compile) timings, and the memory floor of the pass."""
@@ -209,6 +240,22 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                                       lambda: _api_fwd(F.group_norm, x, w, b, case.num_groups)]
                             ours = aten = lambda graph: _api_bwd(graph, dy)
                         if p == "fwd":
+                            diff = (got.float() - aten().float()).abs().max().item()
+                            layout_ok = got.stride() == x.stride()
+                        else:
+                            diff = _grad_error(got, x, w, b, dy, case.num_groups)
+                            layout_ok = got[1].stride() == x.stride()
+                    elif p in MODULE_PASSES:
+                        mine, theirs = _module_pair(w, b, case.num_groups)
+                        if p == "module fwd":
+                            ours, aten = (lambda: _module_fwd(mine, x)), (lambda: _module_fwd(theirs, x))
+                        else:
+                            ours = lambda: _module_fwd_bwd(mine, x, dy)
+                            aten = lambda: _module_fwd_bwd(theirs, x, dy)
+                        t0 = time.perf_counter()
+                        got = ours()
+                        first = time.perf_counter() - t0
+                        if p == "module fwd":
                             diff = (got.float() - aten().float()).abs().max().item()
                             layout_ok = got.stride() == x.stride()
                         else:
@@ -294,7 +341,7 @@ def summary(rows: List[Dict]) -> str:
     are the numbers the targets are stated in. Where some rows had page faults on either
     side, also the geomean of the rest: the kernels and glue alone, without allocator luck."""
     out = []
-    order = API_PASSES + KERNEL_PASSES
+    order = API_PASSES + MODULE_PASSES + KERNEL_PASSES
     for p in sorted({r["pass_"] for r in rows}, key=lambda q: order.index(q) if q in order else 99):
         for fmt in sorted({r["format"] for r in rows}):
             sel = [r["speedup"] for r in rows if r["pass_"] == p and r["format"] == fmt]

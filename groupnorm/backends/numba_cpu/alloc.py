@@ -80,6 +80,15 @@ def output_tensor_like(x: torch.Tensor, channels_last: bool):
     return y, flat
 
 
+def output_known(x: torch.Tensor, shape, dtype: torch.dtype, numel: int, channels_last: bool) -> torch.Tensor:
+    """output_tensor_like's tensor, for a caller that has read x's shape, dtype and
+    element count already (``launch.forward_known``)."""
+    nbytes = numel * x.itemsize
+    if nbytes < POOL_MIN_BYTES:
+        return torch.empty_like(x)
+    return output_tensor_like(x, channels_last)[0]
+
+
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """Same shape, dtype and memory format as x (x is contiguous or channels-last),
     outside the pool."""

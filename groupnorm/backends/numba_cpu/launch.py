@@ -124,6 +124,38 @@ def forward_output(x, weight, bias, scale, shift, num_groups, eps, activation):
     return _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, stats[0], stats[1])
 
 
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
+        torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
+def forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation):
+    """forward_output for a call whose facts the caller has already read (``everyday``):
+    x's shape, dtype, element count and layout (True: channels-last), no scale/shift.
+    The same kernels and bits as forward_output; the facts are not asked of x again
+    (each tensor attribute costs microseconds right after a large kernel). An optional
+    extension of the backend contract."""
+    acc = _ACC[dtype]
+    n, c = shape[0], shape[1]
+    stats = np.empty((2, n, num_groups), _NUMPY_ACC[acc])
+    threads = sync_with_torch(numel)
+    y = alloc.output_known(x, shape, dtype, numel, channels_last)
+    stream = streams_known(numel, x.itemsize, channels_last)
+    hw = numel // (n * c)
+    if channels_last:
+        if channels_last_per_sample(n, hw * c, threads):
+            entry, stream = forward_samples_at, None   # small samples: never streamed
+        else:
+            entry = forward_pixel_blocks_at
+    else:
+        entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
+    keep = []   # converted parameters, alive until the entry has run
+    absent = _ABSENT[acc]
+    entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
+          *_param_at(bias, acc, keep), *absent, *absent, eps, CODES[activation], _ZERO[acc], stats[0], stats[1],
+          stream)
+    return y
+
+
 def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, mean_np, rstd_np):
     """y of the forward, the statistics written into mean_np, rstd_np ((N, G) arrays)."""
     numel = x.numel()
@@ -153,7 +185,11 @@ def streams(numel: int, x, channels_last: bool, backward: bool = False):
     dx when backward): True to write it with streaming stores (large float32/float64
     outputs), else None, which compiles no streamed code (see streaming; the limits are
     read at call time, so tests can lower them)."""
-    size = x.itemsize
+    return streams_known(numel, x.itemsize, channels_last, backward)
+
+
+def streams_known(numel: int, size: int, channels_last: bool, backward: bool = False):
+    """streams() for an element size the caller has already read."""
     if not streaming.STREAMS or size < streaming.STREAM_MIN_ITEMSIZE:
         return None
     if backward:

@@ -1,0 +1,105 @@
+"""The everyday eager call, decided with each tensor question asked once.
+
+Most calls in a model are the same: a plain CPU tensor, an int ``num_groups`` that
+divides C, weight and bias ``(C,)`` (tensors or ``nn.Parameter``) or None, no fused
+extras, nothing tracing or transforming the call. ``output`` recognises that call and
+runs it; anything else returns None and takes the general path in ``functional``, which
+checks every argument and raises torch's errors.
+
+Why a separate path: right after a large kernel the interpreter's code and data are out
+of the caches, and every tensor attribute costs 2-4 us instead of 0.1-0.2 (measured with
+``benchmarks/glue_cost.py``). The general path asks the same questions several times on
+its way down (validation, layout, eager checks, op layer, registry, launcher), ~30-50 us
+per call. Here shape, dtype, layout and element count are read once and handed to the
+backend's optional ``forward_known`` (see ``backends.numba_cpu.launch``).
+
+It also lets ``nn.Parameter`` weights (every module's) through: the general eager path
+only accepts exact ``torch.Tensor`` parameters and sends Parameters through the custom-op
+dispatcher, ~25 us more per call. A Parameter's memory is a plain tensor's (its
+``__torch_function__`` is disabled), so the kernels read it directly.
+"""
+from __future__ import annotations
+
+import torch
+from torch.overrides import has_torch_function_variadic
+
+from . import eager, ops
+from .backends import registry
+from .epilogue import ACTIVATIONS
+
+Tensor = torch.Tensor
+Parameter = torch.nn.Parameter
+
+_HALF = (torch.bfloat16, torch.float16)
+_FLOAT = frozenset((torch.float32, torch.float64) + _HALF)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_ACTIVATION = {name: name for name in ACTIVATIONS}
+_ACTIVATION[None] = "none"
+
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_is_grad_enabled = torch.is_grad_enabled
+
+
+# torch.compiler.is_compiling, not the flag it returns: dynamo folds the call to True
+# while tracing, but would guard on a read of the flag and recompile on every call.
+_compiling = torch.compiler.is_compiling
+USABLE = _functorch_active is not None and _any_autocast is not None
+
+
+def _param_ok(t, dtype, channels: int) -> bool:
+    """weight/bias the kernels read as they are: None, or a plain CPU (C,) tensor in x's
+    dtype (float32 also for a half x, as torch allows)."""
+    if t is None:
+        return True
+    kind = type(t)
+    if kind is not Tensor and kind is not Parameter:
+        return False
+    return (t.shape == (channels,) and t.is_cpu
+            and (t.dtype == dtype or (t.dtype == torch.float32 and dtype in _HALF)))
+
+
+def output(x, num_groups, weight, bias, eps, activation):
+    """y of ``group_norm(x, num_groups, weight, bias, eps, activation=activation)`` for
+    the everyday CPU call, or None when the call needs the general path (anything
+    unusual, including every error case: the general path raises it)."""
+    if _compiling():   # first: dynamo traces this function and stops at the checks below
+        return None
+    if not USABLE or type(x) is not Tensor or type(num_groups) is not int or num_groups <= 0:
+        return None
+    if has_torch_function_variadic(x, weight, bias) or not eager.ENABLED:
+        return None
+    shape = x.shape
+    dtype = x.dtype
+    dims = len(shape)
+    if dims < 2 or shape[1] % num_groups or dtype not in _FLOAT or not x.is_cpu:
+        return None
+    numel = x.numel()
+    if numel == num_groups or numel == 0:
+        return None
+    channels = shape[1]
+    if not (_param_ok(weight, dtype, channels) and _param_ok(bias, dtype, channels)):
+        return None
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        return None
+    act = _ACTIVATION.get(activation) if activation is None or type(activation) is str else None
+    if act is None:
+        return None
+    if x.is_contiguous():
+        channels_last = False
+    elif dims in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[dims]):
+        channels_last = True
+    else:
+        return None
+    if _dispatch_modes() or _functorch_active() or _any_autocast():
+        return None
+    eps = float(eps)
+    if _is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                               or (bias is not None and bias.requires_grad)):
+        return eager.GroupNormFunction.apply(x, weight, bias, None, None, num_groups, eps, act)
+    backend = registry.cpu_backend()
+    known = getattr(backend, "forward_known", None)
+    if known is not None:
+        return known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, act)
+    return ops.output_impl(x, weight, bias, None, None, num_groups, eps, act)
