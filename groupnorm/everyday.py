@@ -95,11 +95,47 @@ def output(x, num_groups, weight, bias, eps, activation):
     if _dispatch_modes() or _functorch_active() or _any_autocast():
         return None
     eps = float(eps)
+    backend = registry.cpu_backend()
     if _is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                or (bias is not None and bias.requires_grad)):
-        return eager.GroupNormFunction.apply(x, weight, bias, None, None, num_groups, eps, act)
-    backend = registry.cpu_backend()
+        if getattr(backend, "backward_known", None) is None:
+            return eager.GroupNormFunction.apply(x, weight, bias, None, None, num_groups, eps, act)
+        return KnownFunction.apply(x, weight, bias, (backend, shape, dtype, numel, channels_last, num_groups,
+                                                     eps, act))
     known = getattr(backend, "forward_known", None)
     if known is not None:
         return known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, act)
     return ops.output_impl(x, weight, bias, None, None, num_groups, eps, act)
+
+
+class KnownFunction(torch.autograd.Function):
+    """The everyday call under autograd: the facts read in ``output`` travel to the
+    backward on ctx, with the statistics as the backend left them (never made tensors),
+    so the backward asks x nothing again either. Only x, weight and bias are saved
+    tensors (autograd then still catches their in-place modification)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, facts):
+        backend, shape, dtype, numel, channels_last, num_groups, eps, act = facts
+        y, stats, stats_at = backend.forward_known_stats(x, shape, dtype, numel, channels_last, weight, bias,
+                                                         num_groups, eps, act)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.facts, ctx.stats, ctx.stats_at = facts, stats, stats_at
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        backend, shape, dtype, numel, channels_last, num_groups, eps, act = ctx.facts
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if _is_grad_enabled():   # create_graph=True: a backward autograd can differentiate
+            return _differentiable_backward(ctx, dy, x, weight, bias, need_x, need_w, need_b) + (None,)
+        return backend.backward_known(dy, x, ctx.stats, ctx.stats_at, weight, bias, shape, dtype, numel,
+                                      channels_last, num_groups, act, need_x, need_w, need_b) + (None,)
+
+
+def _differentiable_backward(ctx, dy, x, weight, bias, need_x, need_w, need_b):
+    """ops' double-backward path (the reference composition), for KnownFunction's ctx."""
+    ctx.num_groups, ctx.eps, ctx.activation = ctx.facts[5], ctx.facts[6], ctx.facts[7]
+    needs = (need_x, need_w, need_b, False, False)
+    return ops._differentiable_backward(ctx, dy, (x, weight, bias, None, None), needs)[:3]

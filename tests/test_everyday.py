@@ -164,3 +164,74 @@ def test_backend_override_is_followed(monkeypatch):
     monkeypatch.delenv("GROUPNORM_BACKEND_CPU")
     everyday.output(x, 4, None, None, 1e-5, None)
     assert calls == [1, 1] or registry.backend_name("cpu") == "reference"
+
+
+def _leaves(shape, dtype=torch.float64, cl=False, param_dtype=None, seed=7):
+    x = make_input(shape, dtype, channels_last=cl, seed=seed).requires_grad_()
+    w, b = (torch.nn.Parameter(t) for t in _params(shape[1], param_dtype or dtype, seed=seed))
+    return x, w, b
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_known_function_gradcheck_and_double_backward(cl):
+    x, w, b = _leaves((2, 8, 5, 6), cl=cl)
+    fn = lambda a, c, d: groupnorm.group_norm(a, 4, c, d)  # noqa: E731
+    assert type(fn(x, w, b).grad_fn).__name__ == "KnownFunctionBackward"
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias", "weight and bias"])
+def test_known_function_partial_gradients(wanted):
+    """Only some inputs require grad: those get torch's gradients, the others none."""
+    x, w, b = _leaves((2, 8, 4, 5), torch.float32, seed=8)
+    x.requires_grad_("x" in wanted)
+    w.requires_grad_("weight" in wanted)
+    b.requires_grad_("bias" in wanted)
+    dy = torch.randn(2, 8, 4, 5)
+    groupnorm.group_norm(x, 4, w, b).backward(dy)
+    xr, wr, br = (t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w, b))
+    F.group_norm(xr, 4, wr, br).backward(dy)
+    for ours, theirs in ((x, xr), (w, wr), (b, br)):
+        if theirs.requires_grad:
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5)
+        else:
+            assert ours.grad is None
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_known_function_gradient_of_another_layout(cl):
+    """dy with other strides than y (an expanded sum's gradient, the other memory
+    format): read correctly, dx in x's layout."""
+    x, w, b = _leaves((2, 8, 4, 5), torch.float64, cl=cl, seed=9)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    (groupnorm.group_norm(x, 4, w, b) * 1.5).sum().backward()
+    (F.group_norm(xr, 4, wr, br) * 1.5).sum().backward()
+    dy = make_input((2, 8, 4, 5), torch.float64, channels_last=not cl, seed=10)
+    gx, gw, gb = torch.autograd.grad(groupnorm.group_norm(x, 4, w, b), (x, w, b), dy)
+    rx, rw, rb = torch.autograd.grad(F.group_norm(xr, 4, wr, br), (xr, wr, br), dy)
+    assert gx.stride() == x.stride()
+    for a, c in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad), (gx, rx), (gw, rw), (gb, rb)):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-10)
+
+
+def test_known_function_half_input_float32_parameters():
+    x, w, b = _leaves((2, 8, 6, 6), torch.bfloat16, param_dtype=torch.float32, seed=11)
+    dy = make_input((2, 8, 6, 6), torch.bfloat16, seed=12)
+    got = torch.autograd.grad(groupnorm.group_norm(x, 4, w, b), (x, w, b), dy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    want = torch.autograd.grad(F.group_norm(x64, 4, w64, b64), (x64, w64, b64), dy.double())
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a.double(), c, rtol=2e-2, atol=2e-2 * max(1.0, c.abs().max().item()))
+
+
+def test_known_function_sees_in_place_changes():
+    """x, weight and bias are saved tensors: changing one in place before the backward
+    raises autograd's error instead of giving wrong gradients."""
+    x, w, b = _leaves((2, 8, 4, 5), torch.float32, seed=13)
+    y = groupnorm.group_norm(x * 1.0, 4, w, b)
+    with torch.no_grad():
+        w.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

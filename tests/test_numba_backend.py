@@ -132,6 +132,32 @@ def test_forward_known_is_forwards_y(shape, groups, cl, dtype, param_dtype, act)
     torch.testing.assert_close(y.double(), ry, atol=2 * ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("shape,groups,cl", CASES + [((2, 32, 4, 4), 8, False)])   # the last: N*G >= 8, fused
+@pytest.mark.parametrize("dtype,param_dtype,act", [(d, d, "none") for d in DTYPES]
+                         + [(torch.bfloat16, torch.float32, "silu")])
+def test_known_pair_gives_backward_grads_bits(shape, groups, cl, dtype, param_dtype, act):
+    """forward_known_stats + backward_known (the everyday autograd pair: facts and numpy
+    statistics handed over, the statistics' address from the forward entry) write every
+    element of the same y, dx, dweight, dbias as forward + backward_grads; a gradient
+    not asked for is None; dy of another layout is read correctly."""
+    x = make_x(shape, dtype, cl, seed=8)
+    dy = make_x(shape, dtype, not cl and len(shape) in (4, 5), seed=9)   # the other layout where one exists
+    w, b, _, _ = make_params(shape[1], shape[0], dtype, param_dtype=param_dtype, seed=10)
+    facts = (x.shape, x.dtype, x.numel(), cl)
+    y, stats, stats_at = numba_cpu.forward_known_stats(x, *facts, w, b, groups, 1e-5, act)
+    want_y, mean, rstd = numba_cpu.forward(x, w, b, None, None, groups, 1e-5, act)
+    assert torch.equal(y, want_y)
+    assert np.array_equal(stats[0], mean.numpy()) and np.array_equal(stats[1], rstd.numpy())
+    dx, dw, db = numba_cpu.backward_known(dy, x, stats, stats_at, w, b, *facts, groups, act, True, True, True)
+    want = numba_cpu.backward_grads(dy, x, mean, rstd, w, b, None, None, groups, act, True)
+    same_layout(dx, x)
+    for got, ref in zip((dx, dw, db), want[:3]):
+        assert got.dtype == ref.dtype and not torch.isnan(got).any()
+        assert torch.equal(got, ref)
+    only_w = numba_cpu.backward_known(dy, x, stats, stats_at, w, b, *facts, groups, act, False, True, False)
+    assert only_w[0] is None and only_w[2] is None and torch.equal(only_w[1], want[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups,cl", CASES[:2] + CASES[4:5] + CASES[6:7])
 def test_stats(shape, groups, cl, dtype):

@@ -21,6 +21,10 @@ float64 ``x``, and contiguous. Outputs shaped like ``x`` keep x's dtype and memo
 Optional extensions a backend may add (the op layer uses them when present):
 ``forward_output(...)`` with forward's arguments -> y alone (an inference call, where
 nothing needs the statistics); ``backward_fused`` / ``backward_grads`` (see numba_cpu).
+For ``groupnorm.everyday`` (the everyday CPU call, facts read once by the caller):
+``forward_known`` -> y, ``forward_known_stats`` -> (y, stats, address) and
+``backward_known`` -> (dx, dweight, dbias) (see numba_cpu.launch); without them that
+path uses the functions above.
 
 ``groupnorm.reference`` is the specification: each backend must match it.
 """

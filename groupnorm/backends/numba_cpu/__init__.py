@@ -13,9 +13,9 @@ load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
 line); both are imported first, before any kernel is decorated or compiled.
 """
 from . import cache_stamp, function_attributes  # noqa: F401  (first: see both)
-from .launch import (apply, backward_dx, backward_fused, backward_grads, backward_reduce, forward, forward_known,
-                     forward_output, stats)
+from .launch import (apply, backward_dx, backward_fused, backward_grads, backward_known, backward_reduce, forward,
+                     forward_known, forward_known_stats, forward_output, stats)
 from .warmup import compile_time_report, warmup
 
-__all__ = ["forward", "forward_output", "forward_known", "stats", "apply", "backward_reduce", "backward_dx", "backward_fused", "backward_grads", "warmup",
+__all__ = ["forward", "forward_output", "forward_known", "forward_known_stats", "backward_known", "stats", "apply", "backward_reduce", "backward_dx", "backward_fused", "backward_grads", "warmup",
            "compile_time_report"]

@@ -133,10 +133,25 @@ def forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_group
     x's shape, dtype, element count and layout (True: channels-last), no scale/shift.
     The same kernels and bits as forward_output; the facts are not asked of x again
     (each tensor attribute costs microseconds right after a large kernel). An optional
-    extension of the backend contract."""
+    extension of the backend contract, like forward_known_stats and backward_known."""
+    stats = np.empty((2, shape[0], num_groups), _NUMPY_ACC[_ACC[dtype]])
+    return _forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation, stats)[0]
+
+
+def forward_known_stats(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation):
+    """forward_known for a call that will be differentiated -> (y, stats, address): stats
+    is a numpy (2, N, G) array of mean and rstd in the accumulation dtype, never wrapped
+    as tensors, and address its memory's; backward_known reads both back (keep stats
+    alive while the address is in use)."""
+    stats = np.empty((2, shape[0], num_groups), _NUMPY_ACC[_ACC[dtype]])
+    y, address = _forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation,
+                                stats)
+    return y, stats, address
+
+
+def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation, stats):
     acc = _ACC[dtype]
     n, c = shape[0], shape[1]
-    stats = np.empty((2, n, num_groups), _NUMPY_ACC[acc])
     threads = sync_with_torch(numel)
     y = alloc.output_known(x, shape, dtype, numel, channels_last)
     stream = streams_known(numel, x.itemsize, channels_last)
@@ -150,10 +165,49 @@ def forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_group
         entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
     keep = []   # converted parameters, alive until the entry has run
     absent = _ABSENT[acc]
-    entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
-          *_param_at(bias, acc, keep), *absent, *absent, eps, CODES[activation], _ZERO[acc], stats[0], stats[1],
-          stream)
-    return y
+    address = entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
+                    *_param_at(bias, acc, keep), *absent, *absent, eps, CODES[activation], _ZERO[acc], stats[0],
+                    stats[1], stream)
+    return y, address
+
+
+_LAYOUT_OF = {4: torch.channels_last, 5: torch.channels_last_3d}
+_STAT_BYTES = {torch.float32: 4, torch.float64: 8}
+
+
+def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, channels_last, num_groups,
+                   activation, need_dx, need_weight, need_bias):
+    """The backward of a forward_known_stats call -> (dx, dweight, dbias), None where not
+    needed: the same compiled entries and bits as backward_grads, with x's facts and the
+    statistics (``stats`` and its address, as forward_known_stats returned them) handed
+    in instead of asked again. dy: the gradient of y (y's dtype; any strides)."""
+    acc = _ACC[dtype]
+    n, c = shape[0], shape[1]
+    sync_with_torch(numel)
+    hw = numel // (n * c)
+    if channels_last:   # (3-D channels-last-like strides have no memory format: compare strides)
+        layout = _LAYOUT_OF.get(len(shape))
+        same = dy.is_contiguous(memory_format=layout) if layout is not None else dy.stride() == x.stride()
+    else:
+        same = dy.is_contiguous()
+    if not same:
+        dy = like_layout(dy, x)
+    sums = np.empty((2, n, c), _NUMPY_ACC[acc])
+    dx = alloc.output_known(x, shape, dtype, numel, channels_last) if need_dx else None
+    dw = alloc.empty_like(weight) if need_weight else None
+    db = alloc.empty_like(bias) if need_bias else None
+    if channels_last:
+        entry = backward_channels_last_at
+    else:
+        entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
+    keep = []
+    absent = _ABSENT[acc]
+    entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[dtype], n, c, hw,
+          bool(need_dx), streams_known(numel, x.itemsize, channels_last, True) if need_dx else None, stats_at,
+          stats_at + _STAT_BYTES[acc] * n * num_groups, WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
+          *_param_at(bias, acc, keep), *absent, *absent, CODES[activation], _ZERO[acc], sums[0], sums[1],
+          *_at(dw, acc), *_at(db, acc))
+    return dx, dw, db
 
 
 def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, mean_np, rstd_np):
