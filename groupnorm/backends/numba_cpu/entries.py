@@ -26,11 +26,13 @@ def column_sums(sums, out):
     rounded once into out's dtype (a half-type parameter's gradient is written as its bits)."""
     channels = out.shape[0]
     n_batch = sums.shape[0] // channels
+    acc = np.zeros(channels, np.float64)
+    for n in range(n_batch):   # sample-major: the channel loop vectorises (same order per c)
+        row = sums[n * channels:(n + 1) * channels]
+        for c in range(channels):
+            acc[c] += np.float64(row[c])
     for c in range(channels):
-        acc = 0.0
-        for n in range(n_batch):
-            acc += np.float64(sums[n * channels + c])
-        store(out, c, acc)
+        store(out, c, acc[c])
 
 
 @njit(**JIT)

@@ -42,12 +42,19 @@ def start_pool() -> None:
     _pool_started = True
 
 
+# Numba's pool size, fixed when Numba starts (read once: the attribute chain costs a few
+# microseconds per call right after a kernel, as every line of this per-call function does).
+_POOL_SIZE = max(1, numba.config.NUMBA_NUM_THREADS)
+_torch_threads = torch.get_num_threads
+
+
 def sync_with_torch(numel: int = SERIAL_BELOW) -> int:
     """Set Numba's threads (for this calling thread) to torch's, within Numba's pool."""
     if not _pool_started:
         start_pool()
-    wanted = 1 if numel < SERIAL_BELOW else min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    wanted = max(1, wanted)
+    wanted = 1 if numel < SERIAL_BELOW else _torch_threads()
+    if wanted > _POOL_SIZE:
+        wanted = _POOL_SIZE
     if getattr(_last, "threads", None) != wanted:
         numba.set_num_threads(wanted)
         _last.threads = wanted
