@@ -110,7 +110,7 @@ def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
     acc = acc_dtype(x.dtype)
     mean, mean_np = alloc.empty_pair((n, num_groups), acc)
     rstd, rstd_np = alloc.empty_pair((n, num_groups), acc)
-    y = _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, mean_np, rstd_np)
+    y = _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, mean_np, rstd_np)
     return y, mean, rstd
 
 
@@ -121,7 +121,7 @@ def forward_output(x, weight, bias, scale, shift, num_groups, eps, activation):
     of the backend contract, like backward_fused."""
     acc = acc_dtype(x.dtype)
     stats = np.empty((2, x.shape[0], num_groups), _NUMPY_ACC[acc])
-    return _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, stats[0], stats[1])
+    return _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, stats[0], stats[1])
 
 
 _ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
@@ -135,7 +135,8 @@ def forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_group
     (each tensor attribute costs microseconds right after a large kernel). An optional
     extension of the backend contract, like forward_known_stats and backward_known."""
     stats = np.empty((2, shape[0], num_groups), _NUMPY_ACC[_ACC[dtype]])
-    return _forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation, stats)[0]
+    return _forward_known(x, shape, dtype, numel, channels_last, weight, bias, None, None, num_groups, eps, activation,
+                          stats[0], stats[1])[0]
 
 
 def forward_known_stats(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation):
@@ -144,12 +145,15 @@ def forward_known_stats(x, shape, dtype, numel, channels_last, weight, bias, num
     as tensors, and address its memory's; backward_known reads both back (keep stats
     alive while the address is in use)."""
     stats = np.empty((2, shape[0], num_groups), _NUMPY_ACC[_ACC[dtype]])
-    y, address = _forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation,
-                                stats)
+    y, address = _forward_known(x, shape, dtype, numel, channels_last, weight, bias, None, None, num_groups, eps,
+                                activation, stats[0], stats[1])
     return y, stats, address
 
 
-def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation, stats):
+def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, shift, num_groups, eps, activation,
+                   mean_np, rstd_np):
+    """The forward of every launcher function -> (y, mean_np's address): statistics
+    written into mean_np, rstd_np ((N, G) arrays), x's facts given."""
     acc = _ACC[dtype]
     n, c = shape[0], shape[1]
     threads = sync_with_torch(numel)
@@ -164,10 +168,9 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_grou
     else:
         entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
     keep = []   # converted parameters, alive until the entry has run
-    absent = _ABSENT[acc]
     address = entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
-                    *_param_at(bias, acc, keep), *absent, *absent, eps, CODES[activation], _ZERO[acc], stats[0],
-                    stats[1], stream)
+                    *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep), eps,
+                    CODES[activation], _ZERO[acc], mean_np, rstd_np, stream)
     return y, address
 
 
@@ -210,28 +213,10 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
     return dx, dw, db
 
 
-def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, acc, mean_np, rstd_np):
+def _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, mean_np, rstd_np):
     """y of the forward, the statistics written into mean_np, rstd_np ((N, G) arrays)."""
-    numel = x.numel()
-    threads = sync_with_torch(numel)
-    shape = x.shape
-    n, c = shape[0], shape[1]
-    hw = numel // (n * c)
-    channels_last = is_channels_last(x)
-    y, _ = alloc.output_tensor_like(x, channels_last)
-    stream = streams(numel, x, channels_last)
-    if channels_last:
-        if channels_last_per_sample(n, hw * c, threads):
-            entry, stream = forward_samples_at, None   # small samples: never streamed
-        else:
-            entry = forward_pixel_blocks_at
-    else:
-        entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
-    keep = []   # converted parameters, alive until the entry has run
-    entry(x.data_ptr(), y.data_ptr(), WITNESS[x.dtype], n, c, hw, *_param_at(weight, acc, keep),
-          *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep), float(eps),
-          CODES[activation], _ZERO[acc], mean_np, rstd_np, stream)
-    return y
+    return _forward_known(x, x.shape, x.dtype, x.numel(), is_channels_last(x), weight, bias, scale, shift,
+                          num_groups, float(eps), activation, mean_np, rstd_np)[0]
 
 
 def streams(numel: int, x, channels_last: bool, backward: bool = False):
