@@ -13,26 +13,25 @@ its way down (validation, layout, eager checks, op layer, registry, launcher), ~
 per call. Here shape, dtype, layout and element count are read once and handed to the
 backend's optional ``forward_known`` (see ``backends.numba_cpu.launch``).
 
-It also lets ``nn.Parameter`` weights (every module's) through: the general eager path
-only accepts exact ``torch.Tensor`` parameters and sends Parameters through the custom-op
-dispatcher, ~25 us more per call. A Parameter's memory is a plain tensor's (its
-``__torch_function__`` is disabled), so the kernels read it directly.
+``nn.Parameter`` weights (every module's) are read directly, here as on the general
+eager path: a Parameter's memory is a plain tensor's (its ``__torch_function__`` is
+disabled). Until the eleventh session they went through the custom-op dispatcher, ~25 us
+more per call.
 """
 from __future__ import annotations
 
 import torch
 from torch.overrides import has_torch_function_variadic
 
-from . import eager, ops
+from . import eager, ops, validation
 from .backends import registry
 from .epilogue import ACTIVATIONS
 
 Tensor = torch.Tensor
-Parameter = torch.nn.Parameter
 
-_HALF = (torch.bfloat16, torch.float16)
-_FLOAT = frozenset((torch.float32, torch.float64) + _HALF)
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_FLOAT = validation.FLOAT_SET
+_CHANNELS_LAST = validation.CHANNELS_LAST_FORMATS
+_param_ok = validation.plain_param_ok
 _ACTIVATION = {name: name for name in ACTIVATIONS}
 _ACTIVATION[None] = "none"
 
@@ -46,18 +45,6 @@ _is_grad_enabled = torch.is_grad_enabled
 # while tracing, but would guard on a read of the flag and recompile on every call.
 _compiling = torch.compiler.is_compiling
 USABLE = _functorch_active is not None and _any_autocast is not None
-
-
-def _param_ok(t, dtype, channels: int) -> bool:
-    """weight/bias the kernels read as they are: None, or a plain CPU (C,) tensor in x's
-    dtype (float32 also for a half x, as torch allows)."""
-    if t is None:
-        return True
-    kind = type(t)
-    if kind is not Tensor and kind is not Parameter:
-        return False
-    return (t.shape == (channels,) and t.is_cpu
-            and (t.dtype == dtype or (t.dtype == torch.float32 and dtype in _HALF)))
 
 
 def output(x, num_groups, weight, bias, eps, activation):
@@ -79,7 +66,7 @@ def output(x, num_groups, weight, bias, eps, activation):
     if numel == num_groups or numel == 0:
         return None
     channels = shape[1]
-    if not (_param_ok(weight, dtype, channels) and _param_ok(bias, dtype, channels)):
+    if not (_param_ok(weight, dtype, channels, x, True) and _param_ok(bias, dtype, channels, x, True)):
         return None
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         return None

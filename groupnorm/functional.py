@@ -12,13 +12,10 @@ from .epilogue import activation_name
 Tensor = torch.Tensor
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def is_channels_last(x: Tensor) -> bool:
     """x's memory is (N, *spatial, C)-contiguous: ``x.movedim(1, -1).is_contiguous()``,
     asked without making the view for 4-D / 5-D x (a view costs microseconds per call)."""
-    fmt = _CHANNELS_LAST.get(x.dim())
+    fmt = validation.CHANNELS_LAST_FORMATS.get(x.dim())
     return x.is_contiguous(memory_format=fmt) if fmt is not None else x.movedim(1, -1).is_contiguous()
 
 

@@ -82,17 +82,24 @@ def _check_scale_shift(name: str, t: Optional[torch.Tensor], x: torch.Tensor) ->
     _check_device(name, t, x)
 
 
-_FLOAT_SET = frozenset(FLOAT_DTYPES)
+FLOAT_SET = frozenset(FLOAT_DTYPES)
+# Memory formats that make an (N, C, *) tensor channels-last, by dimension count.
+CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_Parameter = torch.nn.Parameter
 
 
-def _plain_param_ok(t, x: torch.Tensor, channels: int) -> bool:
+def plain_param_ok(t, dtype: torch.dtype, channels: int, x: torch.Tensor, x_is_cpu: bool) -> bool:
+    """weight/bias the kernels read as they are: None, or an exact tensor or nn.Parameter
+    of shape (C,) on x's device, in x's dtype (float32 also for a half x, as torch allows).
+    dtype and x_is_cpu: x's, as the caller has read them (each query costs microseconds)."""
     if t is None:
         return True
-    if (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or t.shape != (channels,):
+    kind = type(t)
+    if (kind is not torch.Tensor and kind is not _Parameter) or t.shape != (channels,):
         return False
-    if not (t.is_cpu and x.is_cpu) and t.device != x.device:   # is_cpu: no device objects
+    if not (t.is_cpu and x_is_cpu) and t.device != x.device:   # is_cpu: no device objects
         return False
-    return t.dtype == x.dtype or (t.dtype == torch.float32 and x.dtype in HALF_DTYPES)
+    return t.dtype == dtype or (t.dtype == torch.float32 and dtype in HALF_DTYPES)
 
 
 def common_case_ok(x, num_groups, weight, bias) -> bool:
@@ -102,13 +109,16 @@ def common_case_ok(x, num_groups, weight, bias) -> bool:
     if type(x) is not torch.Tensor or type(num_groups) is not int or num_groups <= 0:
         return False
     shape = x.shape
-    if len(shape) < 2 or shape[1] % num_groups or x.dtype not in _FLOAT_SET:
+    dtype = x.dtype
+    if len(shape) < 2 or shape[1] % num_groups or dtype not in FLOAT_SET:
         return False
     if x.numel() == num_groups:   # one value per group: torch's training-mode ValueError
         return False
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         return False
-    return _plain_param_ok(weight, x, shape[1]) and _plain_param_ok(bias, x, shape[1])
+    on_cpu = x.is_cpu
+    return (plain_param_ok(weight, dtype, shape[1], x, on_cpu)
+            and plain_param_ok(bias, dtype, shape[1], x, on_cpu))
 
 
 def check_inputs(x, num_groups, weight=None, bias=None, scale=None, shift=None, *, training_check=True) -> None:

@@ -147,6 +147,18 @@ def _module_fwd_bwd(m, x, dy):
     return y, xl.grad, m.weight.grad, m.bias.grad
 
 
+def _first_call_check(ours, reference, x, w, b, dy, groups):
+    """A row's untimed first call -> (seconds, max diff, layout kept): a forward's output
+    (a tensor) against reference()'s, a training pass's (y, dx, dw, db) against float64
+    autograd (see _grad_error)."""
+    t0 = time.perf_counter()
+    got = ours()
+    first = time.perf_counter() - t0
+    if isinstance(got, torch.Tensor):
+        return first, (got.float() - reference().float()).abs().max().item(), got.stride() == x.stride()
+    return first, _grad_error(got, x, w, b, dy, groups), got[1].stride() == x.stride()
+
+
 def _grad_error(got, x, w, b, dy, groups) -> float:
     """Largest error of (dx, dw, db) against float64 autograd, relative to each's max.
 
@@ -232,19 +244,11 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         else:
                             ours = lambda: _api_fwd_bwd(fn, x, w, b, dy, case.num_groups)
                             aten = lambda: _api_fwd_bwd(F.group_norm, x, w, b, dy, case.num_groups)
-                        t0 = time.perf_counter()
-                        got = ours()
-                        first = time.perf_counter() - t0
+                        first, diff, layout_ok = _first_call_check(ours, aten, x, w, b, dy, case.num_groups)
                         if p == "bwd":   # time the backward alone; forward untimed per call
                             setups = [lambda: _api_fwd(fn, x, w, b, case.num_groups),
                                       lambda: _api_fwd(F.group_norm, x, w, b, case.num_groups)]
                             ours = aten = lambda graph: _api_bwd(graph, dy)
-                        if p == "fwd":
-                            diff = (got.float() - aten().float()).abs().max().item()
-                            layout_ok = got.stride() == x.stride()
-                        else:
-                            diff = _grad_error(got, x, w, b, dy, case.num_groups)
-                            layout_ok = got[1].stride() == x.stride()
                     elif p in MODULE_PASSES:
                         mine, theirs = _module_pair(w, b, case.num_groups)
                         if p == "module fwd":
@@ -252,33 +256,17 @@ def run_cpu_benchmark(cases: Iterable[Case], dtypes=(torch.float32, torch.bfloat
                         else:
                             ours = lambda: _module_fwd_bwd(mine, x, dy)
                             aten = lambda: _module_fwd_bwd(theirs, x, dy)
-                        t0 = time.perf_counter()
-                        got = ours()
-                        first = time.perf_counter() - t0
-                        if p == "module fwd":
-                            diff = (got.float() - aten().float()).abs().max().item()
-                            layout_ok = got.stride() == x.stride()
-                        else:
-                            diff = _grad_error(got, x, w, b, dy, case.num_groups)
-                            layout_ok = got[1].stride() == x.stride()
+                        first, diff, layout_ok = _first_call_check(ours, aten, x, w, b, dy, case.num_groups)
                     elif p == "kernel fwd":
                         ours = lambda: numba_cpu.forward(x, w, b, None, None, case.num_groups, EPS, "none")
                         aten = lambda: F.group_norm(x, case.num_groups, w, b, EPS)
-                        t0 = time.perf_counter()
-                        got = ours()[0]
-                        first = time.perf_counter() - t0
-                        want = aten()
-                        diff = (got.float() - want.float()).abs().max().item()
-                        layout_ok = got.stride() == x.stride()
+                        first, diff, layout_ok = _first_call_check(lambda: ours()[0], aten, x, w, b, dy,
+                                                                   case.num_groups)
                     else:
                         fused = p == "kernel fused"
                         ours = lambda: (_ours_fused if fused else _ours_fwd_bwd)(x, w, b, dy, case.num_groups)
                         aten = lambda: _aten_fwd_bwd(x, w, b, dy, case.num_groups)
-                        t0 = time.perf_counter()
-                        got = ours()
-                        first = time.perf_counter() - t0
-                        diff = _grad_error(got, x, w, b, dy, case.num_groups)
-                        layout_ok = got[1].stride() == x.stride()
+                        first, diff, layout_ok = _first_call_check(ours, aten, x, w, b, dy, case.num_groups)
                     sides = [ours, aten]
                     if compile_peer and p in API_PASSES:
                         peer, peer_setup = _compile_peer(p, x, w, b, dy, case.num_groups)

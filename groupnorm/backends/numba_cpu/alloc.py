@@ -80,10 +80,9 @@ def output_tensor_like(x: torch.Tensor, channels_last: bool):
     return y, flat
 
 
-def output_known(x: torch.Tensor, shape, dtype: torch.dtype, numel: int, channels_last: bool) -> torch.Tensor:
-    """output_tensor_like's tensor, for a caller that has read x's shape, dtype and
-    element count already (``launch.forward_known``)."""
-    nbytes = numel * x.itemsize
+def output_known(x: torch.Tensor, nbytes: int, channels_last: bool) -> torch.Tensor:
+    """output_tensor_like's tensor, for a caller that knows x's size in bytes already
+    (``launch._forward_known``, ``launch.backward_known``)."""
     if nbytes < POOL_MIN_BYTES:
         return torch.empty_like(x)
     return output_tensor_like(x, channels_last)[0]

@@ -28,8 +28,13 @@ _ZERO = {torch.float32: np.float32(0.0), torch.float64: np.float64(0.0)}
 _NUMPY_ACC = {torch.float32: np.float32, torch.float64: np.float64}
 
 
+# The accumulation dtype of each input dtype (float64 for float64, else float32).
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
+        torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return _ACC[dtype]
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -124,10 +129,6 @@ def forward_output(x, weight, bias, scale, shift, num_groups, eps, activation):
     return _forward_into(x, weight, bias, scale, shift, num_groups, eps, activation, stats[0], stats[1])
 
 
-_ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
-        torch.bfloat16: torch.float32, torch.float16: torch.float32}
-
-
 def forward_known(x, shape, dtype, numel, channels_last, weight, bias, num_groups, eps, activation):
     """forward_output for a call whose facts the caller has already read (``everyday``):
     x's shape, dtype, element count and layout (True: channels-last), no scale/shift.
@@ -157,8 +158,9 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, s
     acc = _ACC[dtype]
     n, c = shape[0], shape[1]
     threads = sync_with_torch(numel)
-    y = alloc.output_known(x, shape, dtype, numel, channels_last)
-    stream = streams_known(numel, x.itemsize, channels_last)
+    itemsize = dtype.itemsize
+    y = alloc.output_known(x, numel * itemsize, channels_last)
+    stream = streams_known(numel, itemsize, channels_last)
     hw = numel // (n * c)
     if channels_last:
         if channels_last_per_sample(n, hw * c, threads):
@@ -175,7 +177,7 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, s
 
 
 _LAYOUT_OF = {4: torch.channels_last, 5: torch.channels_last_3d}
-_STAT_BYTES = {torch.float32: 4, torch.float64: 8}
+_STAT_BYTES = {acc: zero.itemsize for acc, zero in _ZERO.items()}
 
 
 def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, channels_last, num_groups,
@@ -196,7 +198,8 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
     if not same:
         dy = like_layout(dy, x)
     sums = np.empty((2, n, c), _NUMPY_ACC[acc])
-    dx = alloc.output_known(x, shape, dtype, numel, channels_last) if need_dx else None
+    itemsize = dtype.itemsize
+    dx = alloc.output_known(x, numel * itemsize, channels_last) if need_dx else None
     dw = alloc.empty_like(weight) if need_weight else None
     db = alloc.empty_like(bias) if need_bias else None
     if channels_last:
@@ -206,7 +209,7 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
     keep = []
     absent = _ABSENT[acc]
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[dtype], n, c, hw,
-          bool(need_dx), streams_known(numel, x.itemsize, channels_last, True) if need_dx else None, stats_at,
+          bool(need_dx), streams_known(numel, itemsize, channels_last, True) if need_dx else None, stats_at,
           stats_at + _STAT_BYTES[acc] * n * num_groups, WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
           *_param_at(bias, acc, keep), *absent, *absent, CODES[activation], _ZERO[acc], sums[0], sums[1],
           *_at(dw, acc), *_at(db, acc))
