@@ -1,5 +1,5 @@
-"""Channels-last Numba kernels: the per-sample forward equals the pixel-block forward bit
-for bit (the thread count picks between them), the cheaper bfloat16 store equals
+"""Channels-last Numba kernels: the per-sample forward and backward equal the pixel-block
+ones bit for bit (the thread count picks between them), the cheaper bfloat16 store equals
 bits.f32_to_bf16, and the staged activation paths match the reference."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from groupnorm import reference  # noqa: E402
 from groupnorm.backends import numba_cpu  # noqa: E402
 from groupnorm.backends.numba_cpu import bits, launch  # noqa: E402
 from groupnorm.backends.numba_cpu.activations import CODES  # noqa: E402
+from groupnorm.backends.numba_cpu.entries import backward_channels_last, backward_samples  # noqa: E402
 from groupnorm.backends.numba_cpu.fast_store import f32_to_bf16_fast  # noqa: E402
 from groupnorm.backends.numba_cpu.forward_kernels import forward_pixel_blocks, forward_samples  # noqa: E402
 from groupnorm.backends.numba_cpu.stats_kernels import stats_channels_last  # noqa: E402
@@ -115,3 +116,65 @@ def test_backward_staged_activations(shape, groups, act):
                                 count, groups, act)
     assert dx.stride() == x.stride()
     torch.testing.assert_close(dx.double(), rdx, atol=4e-4, rtol=4e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("act,scaled,affine", [("none", False, True), ("silu", True, True), ("gelu", False, False)])
+def test_backward_paths_bitwise_equal(shape, groups, dtype, act, scaled, affine):
+    """entries.backward_samples (one task per sample) against backward_channels_last (pixel
+    blocks, two parallel stages): the same dx, (N, C) sums, dweight and dbias bits, every
+    output NaN-poisoned first; and against the float64 reference."""
+    x = _cl(shape, dtype, 5)
+    dy = _cl(shape, dtype, 6)
+    n, c = shape[:2]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    adt = np.float64 if dtype == torch.float64 else np.float32
+    g = torch.Generator().manual_seed(7)
+    w_t = (1 + 0.3 * torch.randn(c, generator=g)).to(dtype) if affine else None
+    b_t = (0.2 * torch.randn(c, generator=g)).to(dtype) if affine else None
+    empty = np.empty(0, adt)
+    w = launch.param(w_t, acc) if affine else empty
+    b = launch.param(b_t, acc) if affine else empty
+    s = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
+    t = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
+    xd = x.double()
+    rmean, rm2 = reference.stats(xd, groups)
+    count = x.numel() // (n * groups)
+    rrstd = reference.rstd_from_m2(rm2, count, 1e-5)
+    mean, rstd = rmean.to(acc).numpy(), rrstd.to(acc).numpy()
+    outs = []
+    for entry in (backward_samples, backward_channels_last):
+        dx = torch.full_like(x, float("nan"))
+        s1 = np.full((n, c), np.nan, adt)
+        s0 = np.full((n, c), np.nan, adt)
+        dw = np.full(c if affine else 0, np.nan, adt)
+        db = np.full(c if affine else 0, np.nan, adt)
+        args = (launch.pixels_view(dy), launch.pixels_view(x), launch.pixels_view(dx), mean, rstd, w, b, s, t,
+                CODES[act], True)
+        if entry is backward_samples:
+            entry(*args, adt(0), s1, s0, dw, db)
+        else:
+            entry(*args, None, adt(0), s1, s0, dw, db)
+        outs.append((dx, torch.from_numpy(s1), torch.from_numpy(s0), torch.from_numpy(dw), torch.from_numpy(db)))
+    for a_, b_ in zip(outs[0], outs[1]):
+        assert torch.equal(a_, b_)   # NaN anywhere (an unwritten element) fails too
+    sc = None if not scaled else torch.from_numpy(s).view(n, c).double()
+    sh = None if not scaled else torch.from_numpy(t).view(n, c).double()
+    wd = None if not affine else w_t.double()
+    bd = None if not affine else b_t.double()
+    rs1, rs0 = reference.backward_reduce(dy.double(), xd, rmean, rrstd, wd, bd, sc, sh, groups, act)
+    k = (wd if affine else torch.ones(c, dtype=torch.float64)).expand(n, c)
+    if scaled:
+        k = k * (1 + sc)
+    g1 = (rs0 * k).view(n, groups, -1).sum(-1)
+    g2 = (rs1 * k).view(n, groups, -1).sum(-1)
+    rdx = reference.backward_dx(dy.double(), xd, rmean, rrstd, wd, bd, sc, sh, g1, g2, count, groups, act)
+    tol = {torch.float32: 5e-4, torch.float64: 1e-9, torch.bfloat16: 5e-2}[dtype]
+    hw = x.numel() // (n * c)
+    torch.testing.assert_close(outs[0][0].double(), rdx, atol=tol, rtol=tol)
+    torch.testing.assert_close(outs[0][1].double(), rs1, atol=tol * hw ** 0.5, rtol=tol)
+    torch.testing.assert_close(outs[0][2].double(), rs0, atol=tol * hw ** 0.5, rtol=tol)
+    if affine:
+        torch.testing.assert_close(outs[0][3].double(), rs1.sum(0), atol=tol * (n * hw) ** 0.5, rtol=tol)
+        torch.testing.assert_close(outs[0][4].double(), rs0.sum(0), atol=tol * (n * hw) ** 0.5, rtol=tol)

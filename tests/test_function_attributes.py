@@ -180,3 +180,28 @@ def test_install_is_idempotent_and_skips_a_numba_without_the_hook(monkeypatch):
     monkeypatch.delattr(fa.cpu.CPUContext, "post_lowering")
     monkeypatch.delattr(fa.cpu.BaseContext, "post_lowering", raising=False)
     assert fa.install() is False
+
+
+def test_every_package_function_states_its_flags():
+    """Numba compiles a function that states no ``fastmath`` / ``error_model`` with the
+    flags of whichever caller compiles it first in a process, then reuses (and caches)
+    that specialisation everywhere: the same source then rounds differently from one
+    process to the next (seen: a cold pytest-xdist run where the fused and two-stage
+    float64 backward with silu/mish disagreed in the last bits; the activation helpers
+    on that path stated no flags). Every jitted function of the backend states both."""
+    import importlib
+    import pkgutil
+
+    import groupnorm.backends.numba_cpu as pkg
+    from numba.core.registry import CPUDispatcher
+
+    checked, unstated = 0, []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, CPUDispatcher) and value.py_func.__module__ == module.__name__:
+                checked += 1
+                if not {"fastmath", "error_model"} <= set(value.targetoptions):
+                    unstated.append(f"{info.name}.{name}")
+    assert checked > 50   # the scan found the kernels
+    assert not unstated, unstated

@@ -22,6 +22,14 @@ from numba import njit
 
 from .bits import bits_to_f32
 
+# The scalar float64 helpers and the block dispatchers state their flags: a Numba function
+# that states none is compiled with the flags of whichever caller compiles it first in a
+# process (``fastmath`` and ``error_model`` are inherited), and that specialisation is then
+# reused, and cached on disk, for every caller (reduce_row's reassoc, say, or none). A cold
+# pytest-xdist run saw the fused and two-stage backward disagree in the last bits of float64
+# sums with silu and mish; these helpers were the functions on that path stating no flags.
+SCALAR = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+
 # Activation codes, in the order of groupnorm.epilogue.ACTIVATIONS.
 NONE, SILU, GELU, GELU_TANH, RELU, MISH = range(6)
 CODES = {"none": NONE, "silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "mish": MISH}
@@ -33,18 +41,18 @@ GELU_TANH_C = 0.044715
 SOFTPLUS_THRESHOLD = 20.0
 
 
-@njit(cache=True)
+@njit(**SCALAR)
 def sigmoid(z):
     return 1.0 / (1.0 + math.exp(-z))
 
 
-@njit(cache=True)
+@njit(**SCALAR)
 def softplus(z):
     # Above the threshold softplus(z) == z in float32 (torch's convention).
     return z if z > SOFTPLUS_THRESHOLD else math.log1p(math.exp(z))
 
 
-@njit(cache=True)
+@njit(**SCALAR)
 def activate(z, act):
     """act(z); computed in float64 so the float32 result is correctly rounded or close."""
     if act == SILU:
@@ -60,7 +68,7 @@ def activate(z, act):
     return z
 
 
-@njit(cache=True)
+@njit(**SCALAR)
 def activate_grad(z, act):
     """d act(z) / dz, matching groupnorm.epilogue.activation_grad."""
     if act == SILU:
@@ -298,7 +306,7 @@ def mish_grad_f32(buf, count):
         buf[j] = finite_or_nan(raw, n / d + _FOUR * z * (e * w) * ((_ONE + e) * w))
 
 
-@njit(cache=True)
+@njit(**SCALAR)
 def activate_block(buf, count, act):
     """buf[:count] = act(buf[:count]); one branch per block keeps the loops tight. float32
     staging takes the vectorised loops; float64 keeps the scalar libm ``activate``."""
@@ -319,7 +327,7 @@ def activate_block(buf, count, act):
             buf[j] = activate(buf[j], act)
 
 
-@njit(cache=True)
+@njit(**SCALAR)
 def grad_block(buf, count, act):
     """buf[:count] = act'(buf[:count]) (buf holds z1 on entry); loops chosen as in
     activate_block."""

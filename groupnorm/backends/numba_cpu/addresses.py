@@ -24,7 +24,7 @@ import torch
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from .entries import backward_channels_last, backward_rows_fused, backward_rows_two_stage
+from .entries import backward_channels_last, backward_rows_fused, backward_rows_two_stage, backward_samples
 from .forward_kernels import forward_groups, forward_pixel_blocks, forward_rows, forward_samples
 from .numpy_views import KERNEL_NUMPY
 
@@ -47,14 +47,14 @@ def _pointer_to(typingctx, address, like):
     return pointer(address, like), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def array_at(address, size, like):
     """The ``size`` elements of like's type at ``address`` as a 1-D array (no copy; the
     memory stays owned by the tensor the address came from)."""
     return carray(_pointer_to(address, like), size)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like):
     """(weight, bias, scale, shift) arrays from their (address, count, witness) triples:
     weight/bias (C,) or 0 elements, scale/shift (N*C,) or 0."""
@@ -69,7 +69,7 @@ def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n
 # statistics for a backward entry gets it here (numpy's ``ctypes.data`` costs ~18 us
 # right after a kernel, against nanoseconds to box an int).
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def forward_groups_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
                       s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
     """forward_kernels.forward_groups: contiguous, one task per (n, g)."""
@@ -82,7 +82,7 @@ def forward_groups_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like
     return mean.ctypes.data
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def forward_rows_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
                     s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
     """forward_kernels.forward_rows: contiguous, few groups."""
@@ -96,7 +96,7 @@ def forward_rows_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, 
     return mean.ctypes.data
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def forward_samples_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
                        s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
     """forward_kernels.forward_samples: channels-last, one task per sample."""
@@ -107,7 +107,7 @@ def forward_samples_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_lik
     return mean.ctypes.data
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def forward_pixel_blocks_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
                             s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
     """forward_kernels.forward_pixel_blocks: channels-last, statistics then apply."""
@@ -124,7 +124,7 @@ def forward_pixel_blocks_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, 
 # elements of stat_like's type; outputs sum_dz_xhat, sum_dz: (N, C) arrays, and
 # dweight, dbias: (C,) or 0 elements.
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_like, n_batch, groups):
     """(dy, x, dx, mean, rstd) of a backward entry: the three data arrays in ``shape``
     (rows or pixels), the statistics as (N, G)."""
@@ -138,7 +138,7 @@ def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_l
             array_at(rstd_at, stats, stat_like).reshape(n_batch, groups))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                        stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n,
                        t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
@@ -152,7 +152,7 @@ def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx,
                         array_at(db_at, db_n, db_like))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def backward_rows_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                      stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like,
                      act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
@@ -164,7 +164,7 @@ def backward_rows_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, s
                             array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                               stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at,
                               t_n, t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n,
@@ -176,6 +176,18 @@ def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, n
     backward_channels_last(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, stream, zero, sum_dz_xhat, sum_dz,
                            array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
 
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def backward_samples_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
+                        stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n,
+                        t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
+    """entries.backward_samples: (N, HW, C), one task per sample (stream: always None)."""
+    dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (n_batch, hw, channels), mean_at,
+                                               rstd_at, stat_like, n_batch, groups)
+    w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
+    backward_samples(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
+                     array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
 
 def tensor_at(t: torch.Tensor):
     """(address, element count, witness) of a contiguous tensor for the entries above."""

@@ -123,7 +123,7 @@ def reduce_row_block(dy, x, lo, hi, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_
         sum_dz[r] = s_dz
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def rows_per_task(length):
     """Whole rows per parallel task, about ROW_TASK_ELEMS elements: a prange iteration
     costs tens of nanoseconds, as much as a 64-element row's work."""
@@ -175,7 +175,7 @@ def reduce_pixels(dyn, xn, lo, hi, mc, an, bn, act, acc_xc, acc_dz, buf, zero):
                 acc_dz[c] += g
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def pixel_rows(channels):
     """Pixels per channels-last backward task: a function of C only (determinism)."""
     return min(PIXEL_ROWS_MAX, max(PIXEL_ROWS_MIN, PIXEL_CHUNK // channels))

@@ -55,13 +55,13 @@ def f32_to_bits(typingctx, value):
     return types.int64(value), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def bf16_to_f32(h):
     """bfloat16 bits -> float32: the bf16 pattern is the top half of the float32 one."""
     return bits_to_f32((np.int64(h) & 0xFFFF) << 16)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def f32_to_bf16(x):
     """float32 -> bfloat16 bits, round to nearest even; NaN becomes the canonical quiet NaN."""
     b = f32_to_bits(np.float32(x))
@@ -72,7 +72,7 @@ def f32_to_bf16(x):
     return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def f16_to_f32(h):
     """float16 bits -> float32, exact for normals, subnormals, zeros, inf and NaN."""
     u = np.int64(h) & 0xFFFF
@@ -89,7 +89,7 @@ def f16_to_f32(h):
     return -magnitude if sign else magnitude
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def f32_to_f16(x):
     """float32 -> float16 bits, round to nearest even, overflow to inf, NaN kept quiet."""
     b = f32_to_bits(np.float32(x))
@@ -108,7 +108,7 @@ def f32_to_f16(x):
     return np.int16(np.int64(sign | out) - ((sign | out) >> 15 << 16))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def bf16_bits_to_f32_array(h):
     """Vector form of bf16_to_f32 (uint16 array in, float32 array out), for tests."""
     out = np.empty(h.size, np.float32)
@@ -117,7 +117,7 @@ def bf16_bits_to_f32_array(h):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def f32_to_bf16_bits_array(x):
     """Vector form of f32_to_bf16, for tests."""
     out = np.empty(x.size, np.uint16)
@@ -126,7 +126,7 @@ def f32_to_bf16_bits_array(x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def f16_bits_to_f32_array(h):
     """Vector form of f16_to_f32 (int16 array in), for tests."""
     out = np.empty(h.size, np.float32)
@@ -135,7 +135,7 @@ def f16_bits_to_f32_array(h):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def f32_to_f16_bits_array(x):
     """Vector form of f32_to_f16 (int16 array out), for tests."""
     out = np.empty(x.size, np.int16)

@@ -11,13 +11,15 @@ The per-element kernels are the ones in backward_kernels; only the glue moved he
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .backward_kernels import backward_fused_rows, dx_channels_last, dx_rows, reduce_channels_last, reduce_rows
-from .coefs import dx_coefs, gain_coefs, z1_coefs
-from .elements import store
+from .activations import NONE
+from .backward_kernels import (BLOCK, backward_fused_rows, dx_channels_last, dx_pixels, dx_rows, merge_blocks,
+                               pixel_rows, reduce_channels_last, reduce_pixels, reduce_rows)
+from .coefs import gain_coefs, z1_coefs, z1_coefs_sample
+from .elements import load, store
 
-JIT = dict(cache=True, error_model="numpy")
+JIT = dict(cache=True, error_model="numpy", fastmath=False)   # stated, never inherited (see activations.SCALAR)
 
 
 @njit(**JIT)
@@ -59,34 +61,44 @@ def backward_rows_fused(dy, x, dx, cpg, mean, rstd, weight, bias, scale, shift, 
 
 
 @njit(**JIT)
-def group_terms(sum_dz_xhat, sum_dz, gain, groups):
-    """(sum_dxhat, sum_dxhat_xhat), each (N, G) in float64: the group sums dx needs."""
-    n_batch, channels = sum_dz.shape
+def dx_terms_sample(n, rstd, sum_dz_xhat, sum_dz, weight, scale, count, p, q):
+    """Row n of dx's P and Q (see coefs.dx_coefs), written into p, q (N, C), from the
+    (N, C) sums: the group sums of dxhat and dxhat * xhat in float64, channels in order,
+    gain w * (1 + s) per channel. One sample at a time, so a per-sample task forms its own
+    (backward_samples) with the bits dx_terms gives."""
+    channels = sum_dz.shape[1]
+    groups = rstd.shape[1]
     cpg = channels // groups
-    s_dxhat = np.empty((n_batch, groups), np.float64)
-    s_dxhat_xhat = np.empty((n_batch, groups), np.float64)
-    for n in range(n_batch):
-        for g in range(groups):   # per group, zero-based: no division per channel
-            base = g * cpg
-            row = n * channels + base
-            t_dxhat = 0.0
-            t_dxhat_xhat = 0.0
-            for j in range(cpg):
-                k = gain[row + j]
-                t_dxhat += np.float64(sum_dz[n, base + j]) * k
-                t_dxhat_xhat += np.float64(sum_dz_xhat[n, base + j]) * k
-            s_dxhat[n, g] = t_dxhat
-            s_dxhat_xhat[n, g] = t_dxhat_xhat
-    return s_dxhat, s_dxhat_xhat
+    has_w, has_s = weight.size > 0, scale.size > 0
+    inv_count = 1.0 / max(count, 1)
+    for g in range(groups):   # per group, zero-based: no division per channel
+        base = g * cpg
+        t_dxhat = 0.0
+        t_dxhat_xhat = 0.0
+        for j in range(cpg):
+            c = base + j
+            w = np.float64(load(weight, c)) if has_w else 1.0
+            s1 = 1.0 + np.float64(load(scale, n * channels + c)) if has_s else 1.0
+            k = w * s1
+            t_dxhat += np.float64(sum_dz[n, c]) * k
+            t_dxhat_xhat += np.float64(sum_dz_xhat[n, c]) * k
+        r = np.float64(rstd[n, g])
+        pg = -r * r * t_dxhat_xhat * inv_count
+        qg = -r * t_dxhat * inv_count
+        for j in range(cpg):   # zero-based: vectorises (see coefs.z1_coefs_sample)
+            p[n, base + j] = pg
+            q[n, base + j] = qg
 
 
 @njit(**JIT)
 def dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, count):
     """Per-(n, c) P and Q of dx (see coefs.dx_coefs) from the (N, C) sums."""
     n_batch, channels = sum_dz.shape
-    gain = gain_coefs(weight, scale, n_batch, channels)
-    s_dxhat, s_dxhat_xhat = group_terms(sum_dz_xhat, sum_dz, gain, rstd.shape[1])
-    return dx_coefs(rstd, s_dxhat, s_dxhat_xhat, count, channels)
+    p = np.empty((n_batch, channels), rstd.dtype)
+    q = np.empty((n_batch, channels), rstd.dtype)
+    for n in range(n_batch):
+        dx_terms_sample(n, rstd, sum_dz_xhat, sum_dz, weight, scale, count, p, q)
+    return p, q
 
 
 @njit(**JIT)
@@ -117,3 +129,59 @@ def backward_rows_two_stage(dy, x, dx, mean, rstd, weight, bias, scale, shift, a
         p, q = dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, x.shape[1] * (channels // mean.shape[1]))
         dx_rows(dy, x, dx, mean_c.reshape(-1), a.reshape(-1), b.reshape(-1), p.reshape(-1),
                 q.reshape(-1), act, stream)
+
+
+@njit(parallel=True, **JIT)
+def backward_samples(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, zero, sum_dz_xhat, sum_dz,
+                     dweight, dbias):
+    """Channels-last, one task per sample (small samples, at least as many as threads:
+    forward_kernels.channels_last_per_sample, the forward's rule): coefficients, sums,
+    dx terms and dx of a sample in one task, while the sample is warm in cache. One
+    fork/join instead of two, and the per-sample serial work of backward_channels_last
+    (coefficients, block merges, dx terms: ~10 us at 2x1280x8x8) runs in parallel.
+    The same pixel blocks, merge order and arithmetic as backward_channels_last, so the
+    same bits (the thread count picks between them). Small samples: dx never streamed."""
+    n_batch, hw, channels = x.shape
+    dt = mean.dtype
+    blocks = (hw + pixel_rows(channels) - 1) // pixel_rows(channels)
+    mean_c = np.empty((n_batch, channels), dt)
+    rstd_c = np.empty((n_batch, channels), dt)
+    a = np.empty((n_batch, channels), dt)
+    b = np.empty((n_batch, channels), dt)
+    p = np.empty((n_batch, channels), dt)
+    q = np.empty((n_batch, channels), dt)
+    part_xc = np.empty((n_batch * blocks, channels), dt)
+    part_dz = np.empty((n_batch * blocks, channels), dt)
+    bufs = a   # unused without an activation: no allocation
+    if act != NONE:
+        bufs = np.empty((n_batch, max(BLOCK, channels)), dt)
+    for i in prange(n_batch):
+        backward_sample(dy, x, dx, np.int64(i), mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
+                        sum_dz_xhat, sum_dz, mean_c, rstd_c, a, b, p, q, part_xc, part_dz, bufs)
+    param_sums(sum_dz_xhat.reshape(-1), sum_dz.reshape(-1), dweight, dbias)
+
+
+@njit(**JIT)
+def backward_sample(dy, x, dx, n, mean, rstd, weight, bias, scale, shift, act, need_dx, zero, sum_dz_xhat, sum_dz,
+                    mean_c, rstd_c, a, b, p, q, part_xc, part_dz, bufs):
+    """Sample n of backward_samples (scratch rows n; partial rows as reduce_channels_last
+    numbers its tasks). A plain callee: the views are made once, outside the prange body."""
+    hw, channels = x.shape[1], x.shape[2]
+    z1_coefs_sample(n, mean, rstd, weight, bias, scale, shift, mean_c, rstd_c, a, b)
+    block_rows = pixel_rows(channels)
+    blocks = (hw + block_rows - 1) // block_rows
+    buf = bufs[0]
+    if act != NONE:
+        buf = bufs[n]
+    dyn = dy[n]
+    xn = x[n]
+    mc, an, bn = mean_c[n], a[n], b[n]
+    first = n * blocks
+    for k in range(blocks):
+        lo = k * block_rows
+        reduce_pixels(dyn, xn, lo, min(lo + block_rows, hw), mc, an, bn, act, part_xc[first + k],
+                      part_dz[first + k], buf, zero)
+    merge_blocks(part_xc, part_dz, first, blocks, rstd_c, n, sum_dz_xhat, sum_dz)
+    if need_dx:
+        dx_terms_sample(n, rstd, sum_dz_xhat, sum_dz, weight, scale, hw * (channels // mean.shape[1]), p, q)
+        dx_pixels(dyn, xn, dx[n], 0, hw, mc, an, bn, p[n], q[n], act, buf)

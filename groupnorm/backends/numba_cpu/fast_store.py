@@ -19,7 +19,7 @@ from .elements import store
 BF16_QNAN_AS_F32 = 0x7FC00000   # rounds to 0x7FC0, torch's canonical bfloat16 NaN
 
 
-@njit(cache=True, fastmath=False)   # stated, not inherited: the NaN test must stay
+@njit(cache=True, error_model="numpy", fastmath=False)   # stated, not inherited: the NaN test must stay
 def f32_to_bf16_fast(x):
     """float32 -> bfloat16 bits, round to nearest even; NaN -> 0x7FC0 (as f32_to_bf16)."""
     v = np.float32(x)

@@ -17,7 +17,8 @@ from .backward_kernels import dx_channels_last, dx_rows, reduce_channels_last, r
 from .coefs import dx_coefs, z1_coefs
 from .apply_kernels import apply_channels_last, apply_rows
 from .addresses import (WITNESS, backward_channels_last_at, backward_groups_at, backward_rows_at,
-                        forward_groups_at, forward_pixel_blocks_at, forward_rows_at, forward_samples_at, tensor_at)
+                        backward_samples_at, forward_groups_at, forward_pixel_blocks_at, forward_rows_at,
+                        forward_samples_at, tensor_at)
 from .forward_kernels import GROUP_TASKS_MIN, channels_last_per_sample
 from .numpy_views import HALF, as_numpy, pixels_view
 from .stats_kernels import stats_channels_last, stats_rows
@@ -188,7 +189,7 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
     in instead of asked again. dy: the gradient of y (y's dtype; any strides)."""
     acc = _ACC[dtype]
     n, c = shape[0], shape[1]
-    sync_with_torch(numel)
+    threads = sync_with_torch(numel)
     hw = numel // (n * c)
     if channels_last:   # (3-D channels-last-like strides have no memory format: compare strides)
         layout = _LAYOUT_OF.get(len(shape))
@@ -202,14 +203,11 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
     dx = alloc.output_known(x, numel * itemsize, channels_last) if need_dx else None
     dw = alloc.empty_like(weight) if need_weight else None
     db = alloc.empty_like(bias) if need_bias else None
-    if channels_last:
-        entry = backward_channels_last_at
-    else:
-        entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
+    entry, stream = _backward_entry(n, c, hw, num_groups, channels_last, threads, numel, itemsize, need_dx)
     keep = []
     absent = _ABSENT[acc]
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[dtype], n, c, hw,
-          bool(need_dx), streams_known(numel, itemsize, channels_last, True) if need_dx else None, stats_at,
+          bool(need_dx), stream, stats_at,
           stats_at + _STAT_BYTES[acc] * n * num_groups, WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
           *_param_at(bias, acc, keep), *absent, *absent, CODES[activation], _ZERO[acc], sums[0], sums[1],
           *_at(dw, acc), *_at(db, acc))
@@ -346,11 +344,22 @@ def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     return dx, dw, db, None, None
 
 
+def _backward_entry(n, c, hw, num_groups, channels_last, threads, numel, itemsize, need_dx):
+    """(entry, stream) of a whole backward: the addresses entry for the layout and size,
+    and its stream argument (see streams_known; None where dx is not written)."""
+    stream = streams_known(numel, itemsize, channels_last, True) if need_dx else None
+    if channels_last:
+        if channels_last_per_sample(n, hw * c, threads):
+            return backward_samples_at, None   # small samples: never streamed
+        return backward_channels_last_at, stream
+    return (backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at), stream
+
+
 def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx, param_sums):
-    sync_with_torch(x.numel())
     shape = x.shape
     n, c = shape[0], shape[1]
     numel = x.numel()
+    threads = sync_with_torch(numel)
     hw = numel // (n * c)
     acc = acc_dtype(x.dtype)
     if param_sums:
@@ -371,12 +380,9 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     keep = []
     m, r = stat_tensor(mean, acc), stat_tensor(rstd, acc)
     dy = like_layout(dy, x)
-    if channels_last:
-        entry = backward_channels_last_at
-    else:
-        entry = backward_groups_at if n * num_groups >= GROUP_TASKS_MIN else backward_rows_at
+    entry, stream = _backward_entry(n, c, hw, num_groups, channels_last, threads, numel, x.itemsize, need_dx)
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
-          bool(need_dx), streams(numel, x, channels_last, True) if need_dx else None, m.data_ptr(), r.data_ptr(), WITNESS[acc],
+          bool(need_dx), stream, m.data_ptr(), r.data_ptr(), WITNESS[acc],
           num_groups, *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
           *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
     return sum_dz_xhat, sum_dz, dx, dw, db

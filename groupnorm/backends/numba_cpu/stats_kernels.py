@@ -133,13 +133,13 @@ TASK_BLOCKS_MIN = 4   # ... while a sample still splits into this many tasks
 ROWS_TOGETHER_MAX_BYTES = 8 << 20   # four pixels per accumulator update up to this size of x
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def pixel_block_rows(channels):
     """Pixels per float32 run of channels-last shifted sums: a function of C only."""
     return min(BLOCK_ROWS_MAX, max(BLOCK_ROWS_MIN, BLOCK_ELEMS // channels))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", fastmath=False)
 def pixel_task_rows(hw, channels):
     """Pixels per channels-last statistics task, whole runs: a function of the shape
     only (determinism). Large tasks (each costs a fork share, scratch setup and a

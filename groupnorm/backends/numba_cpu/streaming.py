@@ -141,7 +141,7 @@ def store_fence(typingctx):
     return types.void(), codegen
 
 
-@njit(cache=True, error_model="numpy", boundscheck=False)
+@njit(cache=True, error_model="numpy", boundscheck=False, fastmath=False)
 def stream_span(dst, start, src, count):
     """dst[start:start + count] = src[:count] (1-D, same dtype): streaming stores on
     the 32-byte-aligned middle, plain stores at the ends."""
