@@ -48,7 +48,7 @@ def lean_forward(x, groups, w, b, eps):
     y, _ = alloc.output_tensor_like(x, False)
     stats = np.empty((2, n, groups), np.float32)
     forward_groups_at(x.data_ptr(), y.data_ptr(), _F32, n, c, x.numel() // (n * c), w.data_ptr(), c, _ZERO,
-                      b.data_ptr(), c, _ZERO, 0, 0, _ZERO, 0, 0, _ZERO, eps, 0, _ZERO, stats[0], stats[1], None)
+                      b.data_ptr(), c, _ZERO, 0, 0, _ZERO, 0, 0, _ZERO, eps, 0, _ZERO, stats[0], stats[1], None, 2)
     return y
 
 

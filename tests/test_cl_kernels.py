@@ -62,7 +62,8 @@ def test_forward_paths_bitwise_equal(shape, groups, dtype, act, scaled):
     t = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
     xv = launch.pixels_view(x)
     outs = []
-    for path in ("samples", "blocks"):
+    # pixel blocks in 1, 2 and 3 thread runs (each pass's tasks split differently)
+    for path in ("samples", 1, 2, 3):
         y = torch.full_like(x, float("nan"))
         mean = np.full((n, groups), np.nan, adt)
         rstd = np.full((n, groups), np.nan, adt)
@@ -70,13 +71,14 @@ def test_forward_paths_bitwise_equal(shape, groups, dtype, act, scaled):
             forward_samples(xv, launch.pixels_view(y), w, b, s, t, 1e-5, CODES[act], mean, rstd)
         else:
             forward_pixel_blocks(xv, launch.pixels_view(y), w, b, s, t, 1e-5, CODES[act], adt(0),
-                                 mean, rstd, None)
+                                 mean, rstd, None, path)
         outs.append((y, torch.from_numpy(mean), torch.from_numpy(rstd)))
-    for a_, b_ in zip(outs[0], outs[1]):
-        assert torch.equal(a_, b_)
+    for other in outs[1:]:
+        for a_, b_ in zip(outs[0], other):
+            assert torch.equal(a_, b_)
     m = np.empty((n, groups), adt)
     m2 = np.empty((n, groups), adt)
-    stats_channels_last(xv, groups, m, m2, adt(0))
+    stats_channels_last(xv, groups, m, m2, adt(0), 2)
     assert torch.equal(torch.from_numpy(m), outs[0][1])
     sc = None if not scaled else torch.from_numpy(s).view(n, c).double()
     sh = None if not scaled else torch.from_numpy(t).view(n, c).double()
@@ -123,8 +125,9 @@ def test_backward_staged_activations(shape, groups, act):
 @pytest.mark.parametrize("act,scaled,affine", [("none", False, True), ("silu", True, True), ("gelu", False, False)])
 def test_backward_paths_bitwise_equal(shape, groups, dtype, act, scaled, affine):
     """entries.backward_samples (one task per sample) against backward_channels_last (pixel
-    blocks, two parallel stages): the same dx, (N, C) sums, dweight and dbias bits, every
-    output NaN-poisoned first; and against the float64 reference."""
+    blocks, two parallel stages, in 1, 2 and 3 thread runs): the same dx, (N, C) sums,
+    dweight and dbias bits, every output NaN-poisoned first; and against the float64
+    reference."""
     x = _cl(shape, dtype, 5)
     dy = _cl(shape, dtype, 6)
     n, c = shape[:2]
@@ -144,7 +147,7 @@ def test_backward_paths_bitwise_equal(shape, groups, dtype, act, scaled, affine)
     rrstd = reference.rstd_from_m2(rm2, count, 1e-5)
     mean, rstd = rmean.to(acc).numpy(), rrstd.to(acc).numpy()
     outs = []
-    for entry in (backward_samples, backward_channels_last):
+    for threads in (None, 1, 2, 3):   # None: per sample; else pixel blocks in that many runs
         dx = torch.full_like(x, float("nan"))
         s1 = np.full((n, c), np.nan, adt)
         s0 = np.full((n, c), np.nan, adt)
@@ -152,13 +155,14 @@ def test_backward_paths_bitwise_equal(shape, groups, dtype, act, scaled, affine)
         db = np.full(c if affine else 0, np.nan, adt)
         args = (launch.pixels_view(dy), launch.pixels_view(x), launch.pixels_view(dx), mean, rstd, w, b, s, t,
                 CODES[act], True)
-        if entry is backward_samples:
-            entry(*args, adt(0), s1, s0, dw, db)
+        if threads is None:
+            backward_samples(*args, adt(0), s1, s0, dw, db)
         else:
-            entry(*args, None, adt(0), s1, s0, dw, db)
+            backward_channels_last(*args, None, adt(0), s1, s0, dw, db, threads)
         outs.append((dx, torch.from_numpy(s1), torch.from_numpy(s0), torch.from_numpy(dw), torch.from_numpy(db)))
-    for a_, b_ in zip(outs[0], outs[1]):
-        assert torch.equal(a_, b_)   # NaN anywhere (an unwritten element) fails too
+    for other in outs[1:]:
+        for a_, b_ in zip(outs[0], other):
+            assert torch.equal(a_, b_)   # NaN anywhere (an unwritten element) fails too
     sc = None if not scaled else torch.from_numpy(s).view(n, c).double()
     sh = None if not scaled else torch.from_numpy(t).view(n, c).double()
     wd = None if not affine else w_t.double()

@@ -64,14 +64,16 @@ def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n
 
 # Forward entries: x, y are N * C * HW elements in x's memory order; mean, rstd (N, G)
 # outputs; stream: None, or True to write y with streaming stores (forward_samples' small
-# samples never are; the launcher passes None there); the same arguments for each, so the
+# samples never are; the launcher passes None there); threads: the thread count the
+# launcher set (forward_pixel_blocks runs its passes in that many runs: stats_kernels.
+# thread_run; the others ignore it); the same arguments for each, so the
 # launcher calls whichever it picked. Each returns mean's address: a caller that keeps the
 # statistics for a backward entry gets it here (numpy's ``ctypes.data`` costs ~18 us
 # right after a kernel, against nanoseconds to box an int).
 
 @njit(cache=True, error_model="numpy", fastmath=False)
 def forward_groups_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
-                      s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
+                      s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream, threads):
     """forward_kernels.forward_groups: contiguous, one task per (n, g)."""
     rows = n_batch * mean.shape[1]
     size = n_batch * channels * hw
@@ -84,7 +86,7 @@ def forward_groups_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like
 
 @njit(cache=True, error_model="numpy", fastmath=False)
 def forward_rows_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
-                    s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
+                    s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream, threads):
     """forward_kernels.forward_rows: contiguous, few groups."""
     groups = mean.shape[1]
     size = n_batch * channels * hw
@@ -98,7 +100,7 @@ def forward_rows_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
 def forward_samples_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
-                       s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
+                       s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream, threads):
     """forward_kernels.forward_samples: channels-last, one task per sample."""
     size = n_batch * channels * hw
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
@@ -109,20 +111,21 @@ def forward_samples_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_lik
 
 @njit(cache=True, error_model="numpy", fastmath=False)
 def forward_pixel_blocks_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
-                            s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream):
+                            s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream, threads):
     """forward_kernels.forward_pixel_blocks: channels-last, statistics then apply."""
     size = n_batch * channels * hw
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
     forward_pixel_blocks(array_at(x_at, size, like).reshape(n_batch, hw, channels),
                          array_at(y_at, size, like).reshape(n_batch, hw, channels), w, b, s, t, eps, act, zero,
-                         mean, rstd, stream)
+                         mean, rstd, stream, threads)
     return mean.ctypes.data
 
 
 # Backward entries: dy, x, dx are N * C * HW elements in x's memory order (dx unwritten
 # without need_dx, written with streaming stores when stream is True, not None); mean, rstd: N * G
 # elements of stat_like's type; outputs sum_dz_xhat, sum_dz: (N, C) arrays, and
-# dweight, dbias: (C,) or 0 elements.
+# dweight, dbias: (C,) or 0 elements; threads as for the forward entries (used by the
+# channels-last pixel-block backward).
 
 @njit(cache=True, error_model="numpy", fastmath=False)
 def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_like, n_batch, groups):
@@ -141,7 +144,7 @@ def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_l
 @njit(cache=True, error_model="numpy", fastmath=False)
 def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                        stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n,
-                       t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
+                       t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like, threads):
     """entries.backward_rows_fused: contiguous, one task per (n, g)."""
     rows = n_batch * channels
     dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (rows, hw), mean_at, rstd_at,
@@ -155,7 +158,7 @@ def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx,
 @njit(cache=True, error_model="numpy", fastmath=False)
 def backward_rows_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                      stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like,
-                     act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
+                     act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like, threads):
     """entries.backward_rows_two_stage: contiguous, few groups."""
     dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (n_batch * channels, hw), mean_at,
                                                rstd_at, stat_like, n_batch, groups)
@@ -168,20 +171,20 @@ def backward_rows_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, s
 def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                               stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at,
                               t_n, t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n,
-                              db_like):
+                              db_like, threads):
     """entries.backward_channels_last: (N, HW, C)."""
     dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (n_batch, hw, channels), mean_at,
                                                rstd_at, stat_like, n_batch, groups)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
     backward_channels_last(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, stream, zero, sum_dz_xhat, sum_dz,
-                           array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
+                           array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like), threads)
 
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
 def backward_samples_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                         stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n,
-                        t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like):
+                        t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like, threads):
     """entries.backward_samples: (N, HW, C), one task per sample (stream: always None)."""
     dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (n_batch, hw, channels), mean_at,
                                                rstd_at, stat_like, n_batch, groups)

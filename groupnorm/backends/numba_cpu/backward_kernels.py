@@ -26,6 +26,7 @@ from .apply_kernels import STREAM_SPAN, stage_z1, stream_scratch
 from .elements import cast_like, load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
 from .function_attributes import elementwise, out_of_line
+from .stats_kernels import thread_run
 from .streaming import stream_span, store_fence
 
 BLOCK = 512           # staging buffer length for act'(z1)
@@ -182,21 +183,29 @@ def pixel_rows(channels):
 
 
 @njit(**JIT)
-def reduce_pixel_task(dy, x, n, lo, hi, mean_c, a, b, act, part_xc, part_dz, t, bufs, zero):
-    """One task of reduce_channels_last (partial row t, scratch row t). The views are
-    made here, in a plain callee, once per task (not in the prange body)."""
+def reduce_pixel_run(dy, x, first, end, blocks, block_rows, mean_c, a, b, act, part_xc, part_dz, bufs, t, zero):
+    """Tasks first..end-1 of reduce_channels_last in order (one thread's run; partial
+    row = task, scratch row t). The views are made here, in a plain callee, not in the
+    prange body."""
+    hw = x.shape[1]
     buf = bufs[0]
     if act != NONE:
         buf = bufs[t]
-    reduce_pixels(dy[n], x[n], lo, hi, mean_c[n], a[n], b[n], act, part_xc[t], part_dz[t], buf, zero)
+    for task in range(first, end):
+        n = task // blocks
+        lo = (task - n * blocks) * block_rows
+        reduce_pixels(dy[n], x[n], lo, min(lo + block_rows, hw), mean_c[n], a[n], b[n], act, part_xc[task],
+                      part_dz[task], buf, zero)
 
 
 @njit(parallel=True, **JIT)
-def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero):
+def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero, threads):
     """Channels-last layout. dy, x: (N, HW, C); coefficients and outputs: (N, C).
 
     Per (n, block of pixels) partial sums in the accumulation dtype, the blocking a
-    function of the shape only, then summed in block order in float64."""
+    function of the shape only, then summed in block order in float64. The tasks run in
+    ``threads`` contiguous runs (stats_kernels.thread_run), which dx_channels_last then
+    walks backwards."""
     n_batch, hw, channels = x.shape
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
@@ -205,12 +214,11 @@ def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, 
     part_dz = np.empty((tasks, channels), a.dtype)
     bufs = a   # unused without an activation: no allocation
     if act != NONE:
-        bufs = np.empty((tasks, max(BLOCK, channels)), a.dtype)
-    for task in prange(tasks):
-        n = task // blocks
-        lo = (task - n * blocks) * block_rows
-        reduce_pixel_task(dy, x, n, lo, min(lo + block_rows, hw), mean_c, a, b, act, part_xc,
-                          part_dz, task, bufs, zero)
+        bufs = np.empty((threads, max(BLOCK, channels)), a.dtype)
+    for t in prange(threads):
+        first, end = thread_run(tasks, threads, t)
+        reduce_pixel_run(dy, x, first, end, blocks, block_rows, mean_c, a, b, act, part_xc, part_dz, bufs, t,
+                         zero)
     for n in range(n_batch):
         merge_blocks(part_xc, part_dz, n * blocks, blocks, rstd_c, n, sum_dz_xhat, sum_dz)
 
@@ -379,20 +387,32 @@ def dx_pixel_task(dy, x, dx, n, lo, hi, mean_c, a, b, p, q, act, bufs, t, stream
 
 
 @njit(parallel=True, **JIT)
-def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act, stream):
+def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act, stream, threads):
     """Channels-last layout. dy, x, dx: (N, HW, C); coefficients: (N, C); stream: None,
-    or True to write dx with streaming stores (see streaming: a compile-time choice)."""
+    or True to write dx with streaming stores (see streaming: a compile-time choice).
+    reduce_channels_last's tasks in the same ``threads`` runs, each walked backwards:
+    a thread first rereads what its reduce left in its L2 (stats_kernels.thread_run)."""
     n_batch, hw, channels = x.shape
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
     tasks = n_batch * blocks
     bufs = a   # unused without an activation: no allocation
     if act != NONE:
-        bufs = np.empty((tasks, max(BLOCK, channels)), a.dtype)
-    for task in prange(tasks):
+        bufs = np.empty((threads, max(BLOCK, channels)), a.dtype)
+    for t in prange(threads):
+        first, end = thread_run(tasks, threads, t)
+        dx_run_backwards(dy, x, dx, first, end, blocks, block_rows, mean_c, a, b, p, q, act, bufs, t, stream)
+
+
+@njit(**JIT)
+def dx_run_backwards(dy, x, dx, first, end, blocks, block_rows, mean_c, a, b, p, q, act, bufs, t, stream):
+    """Tasks end-1 down to first of dx_channels_last (scratch row t)."""
+    hw = x.shape[1]
+    for i in range(end - first):
+        task = end - 1 - i
         n = task // blocks
         lo = (task - n * blocks) * block_rows
-        dx_pixel_task(dy, x, dx, n, lo, min(lo + block_rows, hw), mean_c, a, b, p, q, act, bufs, task, stream)
+        dx_pixel_task(dy, x, dx, n, lo, min(lo + block_rows, hw), mean_c, a, b, p, q, act, bufs, t, stream)
 
 
 @njit(**JIT)

@@ -103,16 +103,17 @@ def dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, count):
 
 @njit(**JIT)
 def backward_channels_last(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, need_dx, stream, zero,
-                           sum_dz_xhat, sum_dz, dweight, dbias):
+                           sum_dz_xhat, sum_dz, dweight, dbias, threads):
     """Channels-last: reduce, group terms, dx. dy, x, dx: (N, HW, C); outputs (N, C),
-    and dweight, dbias: (C,) or size 0."""
+    and dweight, dbias: (C,) or size 0. The two passes run in ``threads`` runs of pixel
+    blocks, dx walking them backwards (stats_kernels.thread_run)."""
     n_batch, hw, channels = x.shape
     mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
-    reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero)
+    reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero, threads)
     param_sums(sum_dz_xhat.reshape(-1), sum_dz.reshape(-1), dweight, dbias)
     if need_dx:
         p, q = dx_terms(rstd, sum_dz_xhat, sum_dz, weight, scale, hw * (channels // mean.shape[1]))
-        dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act, stream)
+        dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act, stream, threads)
 
 
 @njit(**JIT)

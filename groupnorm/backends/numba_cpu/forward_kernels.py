@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .apply_kernels import (BLOCK, STREAM_SPAN, apply_channels_last, apply_pixels, apply_rows, apply_span,
+from .apply_kernels import (BLOCK, STREAM_SPAN, apply_after_stats, apply_pixels, apply_rows, apply_span,
                             apply_span_streamed, stream_scratch)
 from .coefs import z1_coefs, z1_coefs_sample
 from .activations import NONE
@@ -68,15 +68,16 @@ def channels_last_per_sample(n_batch: int, sample_elements: int, threads: int) -
 
 
 @njit(**JIT)
-def forward_pixel_blocks(x, y, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream):
-    """Channels-last, two parallel stages: statistics, then the apply."""
+def forward_pixel_blocks(x, y, weight, bias, scale, shift, eps, act, zero, mean, rstd, stream, threads):
+    """Channels-last, two parallel stages: statistics, then the apply, over the same
+    per-thread runs of pixel blocks, the apply walking them backwards (thread_run)."""
     n_batch, hw, channels = x.shape
     groups = mean.shape[1]
     m2 = np.empty_like(mean)
-    stats_channels_last(x, groups, mean, m2, zero)
+    stats_channels_last(x, groups, mean, m2, zero, threads)
     rstd_from_m2(m2, hw * (channels // groups), eps, rstd)
     mean_c, _, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
-    apply_channels_last(x, y, mean_c, a, b, act, stream)
+    apply_after_stats(x, y, mean_c, a, b, act, stream, pixel_task_rows(hw, channels), threads)
 
 
 @njit(parallel=True, **JIT)

@@ -173,7 +173,7 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, s
     keep = []   # converted parameters, alive until the entry has run
     address = entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
                     *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep), eps,
-                    CODES[activation], _ZERO[acc], mean_np, rstd_np, stream)
+                    CODES[activation], _ZERO[acc], mean_np, rstd_np, stream, threads)
     return y, address
 
 
@@ -210,7 +210,7 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
           bool(need_dx), stream, stats_at,
           stats_at + _STAT_BYTES[acc] * n * num_groups, WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
           *_param_at(bias, acc, keep), *absent, *absent, CODES[activation], _ZERO[acc], sums[0], sums[1],
-          *_at(dw, acc), *_at(db, acc))
+          *_at(dw, acc), *_at(db, acc), threads)
     return dx, dw, db
 
 
@@ -240,13 +240,13 @@ def streams_known(numel: int, size: int, channels_last: bool, backward: bool = F
 
 
 def stats(x, num_groups):
-    sync_with_torch(x.numel())
+    threads = sync_with_torch(x.numel())
     n = x.shape[0]
     acc = acc_dtype(x.dtype)
     mean = alloc.empty((n, num_groups), acc)
     m2 = alloc.empty((n, num_groups), acc)
     if is_channels_last(x):
-        stats_channels_last(pixels_view(x), num_groups, mean.numpy(), m2.numpy(), _ZERO[acc])
+        stats_channels_last(pixels_view(x), num_groups, mean.numpy(), m2.numpy(), _ZERO[acc], threads)
     else:
         stats_rows(rows_view(x, n * num_groups), mean.view(-1).numpy(), m2.view(-1).numpy(), _ZERO[acc])
     return mean, m2
@@ -275,7 +275,7 @@ def apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
 
 
 def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
-    sync_with_torch(x.numel())
+    threads = sync_with_torch(x.numel())
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     sum_dz_xhat = alloc.empty((n, c), acc)
@@ -285,7 +285,7 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, a
     if is_channels_last(x):
         dy = like_layout(dy, x)
         reduce_channels_last(pixels_view(dy), pixels_view(x), mean_c, rstd_c, a, b, act,
-                             sum_dz_xhat.numpy(), sum_dz.numpy(), _ZERO[acc])
+                             sum_dz_xhat.numpy(), sum_dz.numpy(), _ZERO[acc], threads)
     else:
         dy = like_layout(dy, x)
         reduce_rows(rows_view(dy, n * c), rows_view(x, n * c), mean_c.reshape(-1), rstd_c.reshape(-1),
@@ -296,7 +296,7 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, a
 
 def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dxhat_xhat,
                 count, num_groups, activation):
-    sync_with_torch(x.numel())
+    threads = sync_with_torch(x.numel())
     n, c = x.shape[0], x.shape[1]
     acc = acc_dtype(x.dtype)
     channels_last = is_channels_last(x)
@@ -308,7 +308,7 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
     stream = streams(x.numel(), x, channels_last, backward=True)
     if channels_last:
         dx_channels_last(pixels_view(dy), pixels_view(x), dx_flat.reshape(n, -1, c), mean_c, a, b, p, q, act,
-                         stream)
+                         stream, threads)
     else:
         dx_rows(rows_view(dy, n * c), rows_view(x, n * c), dx_flat.reshape(n * c, -1), mean_c.reshape(-1),
                 a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act, stream)
@@ -384,7 +384,8 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
           bool(need_dx), stream, m.data_ptr(), r.data_ptr(), WITNESS[acc],
           num_groups, *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
-          *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc))
+          *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc),
+          threads)
     return sum_dz_xhat, sum_dz, dx, dw, db
 
 

@@ -254,15 +254,44 @@ def merge_pixel_blocks(part_mean, part_m2, n, block_rows, hw, cpg, mean_out, m2_
         m2_out[n, g] = m2
 
 
+@njit(cache=True, error_model="numpy", fastmath=False)
+def thread_run(tasks, threads, t):
+    """(first, end) of run t when ``tasks`` are split into ``threads`` contiguous runs.
+
+    Why runs: two passes over the same memory (statistics then apply, reduce then dx)
+    that both go ``for t in prange(threads)`` give thread t the same tasks in both
+    (Numba's OpenMP layer hands iteration t of a prange as long as its thread count to
+    thread t), so the second pass can walk its run backwards and reread first what the
+    first pass left in that core's L2 (a few MiB of a mid-size channels-last tensor that
+    would otherwise come from L3 again; measured 7-8% on a 2x320x64x64 float32 two-pass
+    in the twelfth session). Which thread runs which task never changes a result: every
+    task's partials are its own, merged in task order."""
+    return t * tasks // threads, (t + 1) * tasks // threads
+
+
+@njit(**JIT_CL)
+def pixel_task_run(x, first, end, blocks, block_rows, s, q, shift, s64, q64, groups, part_mean, part_m2):
+    """Tasks first..end-1 of stats_channels_last, in order (one thread's run)."""
+    hw = x.shape[1]
+    for task in range(first, end):
+        n = task // blocks
+        k = task - n * blocks
+        lo = k * block_rows
+        pixel_task_moments(x, n, k, lo, min(lo + block_rows, hw), task, s, q, shift, s64, q64,
+                           groups, part_mean, part_m2)
+
+
 @njit(parallel=True, **JIT)
-def stats_channels_last(x, groups, mean_out, m2_out, zero):
+def stats_channels_last(x, groups, mean_out, m2_out, zero, threads):
     """Channels-last groups. x: (N, HW, C); outputs (N, G).
 
     Parallel over (n, block of pixels), the blocking a function of the shape only: per
     block, per-channel sums of x minus a per-channel shift in one vectorised pass,
     combined exactly into per-group (mean, m2); blocks are then Chan-merged in order.
-    Scratch is allocated once here, not per task (a heap allocation per task costs as
-    much as a small block's work).
+    The tasks run in ``threads`` contiguous runs (thread_run), so an apply that follows
+    can walk each run backwards (apply_kernels.apply_after_stats). Scratch is allocated
+    once here, not per task (a heap allocation per task costs as much as a small
+    block's work).
     """
     n_batch, hw, channels = x.shape
     block_rows = pixel_task_rows(hw, channels)
@@ -275,11 +304,8 @@ def stats_channels_last(x, groups, mean_out, m2_out, zero):
     shift = np.empty((tasks, channels), mean_out.dtype)
     s64 = np.empty((tasks, channels), np.float64)
     q64 = np.empty((tasks, channels), np.float64)
-    for task in prange(tasks):
-        n = task // blocks
-        k = task - n * blocks
-        lo = k * block_rows
-        pixel_task_moments(x, n, k, lo, min(lo + block_rows, hw), task, s, q, shift, s64, q64,
-                           groups, part_mean, part_m2)
+    for t in prange(threads):
+        first, end = thread_run(tasks, threads, t)
+        pixel_task_run(x, first, end, blocks, block_rows, s, q, shift, s64, q64, groups, part_mean, part_m2)
     for n in range(n_batch):    # serial merge: no second fork
         merge_pixel_blocks(part_mean, part_m2, n, block_rows, hw, channels // groups, mean_out, m2_out)
