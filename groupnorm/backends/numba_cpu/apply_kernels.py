@@ -14,7 +14,7 @@ from .activations import NONE, activate_block
 from .elements import load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
 from .function_attributes import elementwise
-from .stats_kernels import thread_run
+from .pixel_tasks import activation_scratch, task_pixels, thread_run
 from .streaming import stream_span, store_fence
 
 BLOCK = 512           # staging buffer length for activations
@@ -221,24 +221,18 @@ def apply_after_stats(x, y, mean_c, a, b, act, stream, block_rows, threads):
     """apply_channels_last right after stats_channels_last: the statistics' tasks (n,
     block of block_rows pixels) in the same ``threads`` runs, each walked backwards, so
     each thread first rereads the blocks its statistics pass left in its L2
-    (stats_kernels.thread_run). Elementwise: the order never changes a value."""
+    (pixel_tasks.thread_run). Elementwise: the order never changes a value."""
     n_batch, hw, channels = x.shape
     blocks = (hw + block_rows - 1) // block_rows
-    tasks = n_batch * blocks
-    bufs = a   # unused without an activation: no allocation
-    if act != NONE:
-        bufs = np.empty((threads, max(BLOCK, channels)), a.dtype)
+    bufs = activation_scratch(a, act, threads, max(BLOCK, channels))
     for t in prange(threads):
-        first, end = thread_run(tasks, threads, t)
+        first, end = thread_run(n_batch * blocks, threads, t)
         apply_run_backwards(x, y, mean_c, a, b, act, bufs, t, stream, block_rows, blocks, first, end)
 
 
 @njit(**JIT)
 def apply_run_backwards(x, y, mean_c, a, b, act, bufs, t, stream, block_rows, blocks, first, end):
     """Tasks end-1 down to first of apply_after_stats (scratch row t)."""
-    hw = x.shape[1]
     for i in range(end - first):
-        task = end - 1 - i
-        n = task // blocks
-        lo = (task - n * blocks) * block_rows
-        apply_pixel_task(x, y, n, lo, min(lo + block_rows, hw), mean_c, a, b, act, bufs, t, stream)
+        n, lo, hi = task_pixels(end - 1 - i, blocks, block_rows, x.shape[1])
+        apply_pixel_task(x, y, n, lo, hi, mean_c, a, b, act, bufs, t, stream)

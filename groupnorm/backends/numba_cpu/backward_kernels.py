@@ -26,7 +26,7 @@ from .apply_kernels import STREAM_SPAN, stage_z1, stream_scratch
 from .elements import cast_like, load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
 from .function_attributes import elementwise, out_of_line
-from .stats_kernels import thread_run
+from .pixel_tasks import activation_scratch, task_pixels, thread_run
 from .streaming import stream_span, store_fence
 
 BLOCK = 512           # staging buffer length for act'(z1)
@@ -187,15 +187,12 @@ def reduce_pixel_run(dy, x, first, end, blocks, block_rows, mean_c, a, b, act, p
     """Tasks first..end-1 of reduce_channels_last in order (one thread's run; partial
     row = task, scratch row t). The views are made here, in a plain callee, not in the
     prange body."""
-    hw = x.shape[1]
     buf = bufs[0]
     if act != NONE:
         buf = bufs[t]
     for task in range(first, end):
-        n = task // blocks
-        lo = (task - n * blocks) * block_rows
-        reduce_pixels(dy[n], x[n], lo, min(lo + block_rows, hw), mean_c[n], a[n], b[n], act, part_xc[task],
-                      part_dz[task], buf, zero)
+        n, lo, hi = task_pixels(task, blocks, block_rows, x.shape[1])
+        reduce_pixels(dy[n], x[n], lo, hi, mean_c[n], a[n], b[n], act, part_xc[task], part_dz[task], buf, zero)
 
 
 @njit(parallel=True, **JIT)
@@ -204,7 +201,7 @@ def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, 
 
     Per (n, block of pixels) partial sums in the accumulation dtype, the blocking a
     function of the shape only, then summed in block order in float64. The tasks run in
-    ``threads`` contiguous runs (stats_kernels.thread_run), which dx_channels_last then
+    ``threads`` contiguous runs (pixel_tasks.thread_run), which dx_channels_last then
     walks backwards."""
     n_batch, hw, channels = x.shape
     block_rows = pixel_rows(channels)
@@ -212,9 +209,7 @@ def reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, 
     tasks = n_batch * blocks
     part_xc = np.empty((tasks, channels), a.dtype)
     part_dz = np.empty((tasks, channels), a.dtype)
-    bufs = a   # unused without an activation: no allocation
-    if act != NONE:
-        bufs = np.empty((threads, max(BLOCK, channels)), a.dtype)
+    bufs = activation_scratch(a, act, threads, max(BLOCK, channels))
     for t in prange(threads):
         first, end = thread_run(tasks, threads, t)
         reduce_pixel_run(dy, x, first, end, blocks, block_rows, mean_c, a, b, act, part_xc, part_dz, bufs, t,
@@ -391,28 +386,22 @@ def dx_channels_last(dy, x, dx, mean_c, a, b, p, q, act, stream, threads):
     """Channels-last layout. dy, x, dx: (N, HW, C); coefficients: (N, C); stream: None,
     or True to write dx with streaming stores (see streaming: a compile-time choice).
     reduce_channels_last's tasks in the same ``threads`` runs, each walked backwards:
-    a thread first rereads what its reduce left in its L2 (stats_kernels.thread_run)."""
+    a thread first rereads what its reduce left in its L2 (pixel_tasks.thread_run)."""
     n_batch, hw, channels = x.shape
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
-    tasks = n_batch * blocks
-    bufs = a   # unused without an activation: no allocation
-    if act != NONE:
-        bufs = np.empty((threads, max(BLOCK, channels)), a.dtype)
+    bufs = activation_scratch(a, act, threads, max(BLOCK, channels))
     for t in prange(threads):
-        first, end = thread_run(tasks, threads, t)
+        first, end = thread_run(n_batch * blocks, threads, t)
         dx_run_backwards(dy, x, dx, first, end, blocks, block_rows, mean_c, a, b, p, q, act, bufs, t, stream)
 
 
 @njit(**JIT)
 def dx_run_backwards(dy, x, dx, first, end, blocks, block_rows, mean_c, a, b, p, q, act, bufs, t, stream):
     """Tasks end-1 down to first of dx_channels_last (scratch row t)."""
-    hw = x.shape[1]
     for i in range(end - first):
-        task = end - 1 - i
-        n = task // blocks
-        lo = (task - n * blocks) * block_rows
-        dx_pixel_task(dy, x, dx, n, lo, min(lo + block_rows, hw), mean_c, a, b, p, q, act, bufs, t, stream)
+        n, lo, hi = task_pixels(end - 1 - i, blocks, block_rows, x.shape[1])
+        dx_pixel_task(dy, x, dx, n, lo, hi, mean_c, a, b, p, q, act, bufs, t, stream)
 
 
 @njit(**JIT)

@@ -106,7 +106,7 @@ def backward_channels_last(dy, x, dx, mean, rstd, weight, bias, scale, shift, ac
                            sum_dz_xhat, sum_dz, dweight, dbias, threads):
     """Channels-last: reduce, group terms, dx. dy, x, dx: (N, HW, C); outputs (N, C),
     and dweight, dbias: (C,) or size 0. The two passes run in ``threads`` runs of pixel
-    blocks, dx walking them backwards (stats_kernels.thread_run)."""
+    blocks, dx walking them backwards (pixel_tasks.thread_run)."""
     n_batch, hw, channels = x.shape
     mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
     reduce_channels_last(dy, x, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero, threads)

@@ -24,6 +24,7 @@ from numba import njit, prange
 
 from .elements import cast_like, load
 from .function_attributes import out_of_line
+from .pixel_tasks import task_pixels, thread_run
 
 CHUNK = 4096          # elements per partial (16 KiB of float32: stays in L1)
 JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
@@ -254,31 +255,13 @@ def merge_pixel_blocks(part_mean, part_m2, n, block_rows, hw, cpg, mean_out, m2_
         m2_out[n, g] = m2
 
 
-@njit(cache=True, error_model="numpy", fastmath=False)
-def thread_run(tasks, threads, t):
-    """(first, end) of run t when ``tasks`` are split into ``threads`` contiguous runs.
-
-    Why runs: two passes over the same memory (statistics then apply, reduce then dx)
-    that both go ``for t in prange(threads)`` give thread t the same tasks in both
-    (Numba's OpenMP layer hands iteration t of a prange as long as its thread count to
-    thread t), so the second pass can walk its run backwards and reread first what the
-    first pass left in that core's L2 (a few MiB of a mid-size channels-last tensor that
-    would otherwise come from L3 again; measured 7-8% on a 2x320x64x64 float32 two-pass
-    in the twelfth session). Which thread runs which task never changes a result: every
-    task's partials are its own, merged in task order."""
-    return t * tasks // threads, (t + 1) * tasks // threads
-
-
 @njit(**JIT_CL)
 def pixel_task_run(x, first, end, blocks, block_rows, s, q, shift, s64, q64, groups, part_mean, part_m2):
     """Tasks first..end-1 of stats_channels_last, in order (one thread's run)."""
-    hw = x.shape[1]
     for task in range(first, end):
-        n = task // blocks
-        k = task - n * blocks
-        lo = k * block_rows
-        pixel_task_moments(x, n, k, lo, min(lo + block_rows, hw), task, s, q, shift, s64, q64,
-                           groups, part_mean, part_m2)
+        n, lo, hi = task_pixels(task, blocks, block_rows, x.shape[1])
+        pixel_task_moments(x, n, task - n * blocks, lo, hi, task, s, q, shift, s64, q64, groups, part_mean,
+                           part_m2)
 
 
 @njit(parallel=True, **JIT)
