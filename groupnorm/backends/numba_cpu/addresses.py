@@ -65,7 +65,7 @@ def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n
 # Forward entries: x, y are N * C * HW elements in x's memory order; mean, rstd (N, G)
 # outputs; stream: None, or True to write y with streaming stores (forward_samples' small
 # samples never are; the launcher passes None there); threads: the thread count the
-# launcher set (forward_pixel_blocks runs its passes in that many runs: stats_kernels.
+# launcher set (forward_pixel_blocks runs its passes in that many runs: pixel_tasks.
 # thread_run; the others ignore it); the same arguments for each, so the
 # launcher calls whichever it picked. Each returns mean's address: a caller that keeps the
 # statistics for a backward entry gets it here (numpy's ``ctypes.data`` costs ~18 us
@@ -180,7 +180,6 @@ def backward_channels_last_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, n
                            array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like), threads)
 
 
-
 @njit(cache=True, error_model="numpy", fastmath=False)
 def backward_samples_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                         stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n,
@@ -191,6 +190,7 @@ def backward_samples_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
     backward_samples(dy, x, dx, mean, rstd, w, b, s, t, act, need_dx, zero, sum_dz_xhat, sum_dz,
                      array_at(dw_at, dw_n, dw_like), array_at(db_at, db_n, db_like))
+
 
 def tensor_at(t: torch.Tensor):
     """(address, element count, witness) of a contiguous tensor for the entries above."""

@@ -207,13 +207,10 @@ def apply_channels_last(x, y, mean_c, a, b, act, stream):
     block_rows = max(1, PIXEL_CHUNK // channels)
     blocks = (hw + block_rows - 1) // block_rows
     tasks = n_batch * blocks
-    bufs = a   # unused without an activation: no allocation
-    if act != NONE:
-        bufs = np.empty((tasks, max(BLOCK, channels)), a.dtype)
+    bufs = activation_scratch(a, act, tasks, max(BLOCK, channels))
     for task in prange(tasks):
-        n = task // blocks
-        lo = (task - n * blocks) * block_rows
-        apply_pixel_task(x, y, n, lo, min(lo + block_rows, hw), mean_c, a, b, act, bufs, task, stream)
+        n, lo, hi = task_pixels(task, blocks, block_rows, hw)
+        apply_pixel_task(x, y, n, lo, hi, mean_c, a, b, act, bufs, task, stream)
 
 
 @njit(parallel=True, **JIT)

@@ -15,9 +15,10 @@ from numba import njit, prange
 
 from .activations import NONE
 from .backward_kernels import (BLOCK, backward_fused_rows, dx_channels_last, dx_pixels, dx_rows, merge_blocks,
-                               pixel_rows, reduce_channels_last, reduce_pixels, reduce_rows)
+                               pixel_rows, reduce_channels_last, reduce_pixel_run, reduce_rows)
 from .coefs import gain_coefs, z1_coefs, z1_coefs_sample
 from .elements import load, store
+from .pixel_tasks import activation_scratch
 
 JIT = dict(cache=True, error_model="numpy", fastmath=False)   # stated, never inherited (see activations.SCALAR)
 
@@ -153,9 +154,7 @@ def backward_samples(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, nee
     q = np.empty((n_batch, channels), dt)
     part_xc = np.empty((n_batch * blocks, channels), dt)
     part_dz = np.empty((n_batch * blocks, channels), dt)
-    bufs = a   # unused without an activation: no allocation
-    if act != NONE:
-        bufs = np.empty((n_batch, max(BLOCK, channels)), dt)
+    bufs = activation_scratch(a, act, n_batch, max(BLOCK, channels))
     for i in prange(n_batch):
         backward_sample(dy, x, dx, np.int64(i), mean, rstd, weight, bias, scale, shift, act, need_dx, zero,
                         sum_dz_xhat, sum_dz, mean_c, rstd_c, a, b, p, q, part_xc, part_dz, bufs)
@@ -165,24 +164,19 @@ def backward_samples(dy, x, dx, mean, rstd, weight, bias, scale, shift, act, nee
 @njit(**JIT)
 def backward_sample(dy, x, dx, n, mean, rstd, weight, bias, scale, shift, act, need_dx, zero, sum_dz_xhat, sum_dz,
                     mean_c, rstd_c, a, b, p, q, part_xc, part_dz, bufs):
-    """Sample n of backward_samples (scratch rows n; partial rows as reduce_channels_last
-    numbers its tasks). A plain callee: the views are made once, outside the prange body."""
+    """Sample n of backward_samples (scratch rows n): its pixel blocks reduced as one run of
+    reduce_channels_last's tasks (same partial rows). A plain callee: the views are made
+    outside the prange body."""
     hw, channels = x.shape[1], x.shape[2]
     z1_coefs_sample(n, mean, rstd, weight, bias, scale, shift, mean_c, rstd_c, a, b)
     block_rows = pixel_rows(channels)
     blocks = (hw + block_rows - 1) // block_rows
-    buf = bufs[0]
-    if act != NONE:
-        buf = bufs[n]
-    dyn = dy[n]
-    xn = x[n]
-    mc, an, bn = mean_c[n], a[n], b[n]
-    first = n * blocks
-    for k in range(blocks):
-        lo = k * block_rows
-        reduce_pixels(dyn, xn, lo, min(lo + block_rows, hw), mc, an, bn, act, part_xc[first + k],
-                      part_dz[first + k], buf, zero)
-    merge_blocks(part_xc, part_dz, first, blocks, rstd_c, n, sum_dz_xhat, sum_dz)
+    reduce_pixel_run(dy, x, n * blocks, (n + 1) * blocks, blocks, block_rows, mean_c, a, b, act, part_xc, part_dz,
+                     bufs, n, zero)
+    merge_blocks(part_xc, part_dz, n * blocks, blocks, rstd_c, n, sum_dz_xhat, sum_dz)
     if need_dx:
         dx_terms_sample(n, rstd, sum_dz_xhat, sum_dz, weight, scale, hw * (channels // mean.shape[1]), p, q)
-        dx_pixels(dyn, xn, dx[n], 0, hw, mc, an, bn, p[n], q[n], act, buf)
+        buf = bufs[0]
+        if act != NONE:
+            buf = bufs[n]
+        dx_pixels(dy[n], x[n], dx[n], 0, hw, mean_c[n], a[n], b[n], p[n], q[n], act, buf)

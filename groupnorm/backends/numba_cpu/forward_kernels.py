@@ -18,6 +18,7 @@ from .activations import NONE
 from .elements import cast_like, load
 from .fast_store import store_out as store
 from .function_attributes import elementwise
+from .pixel_tasks import activation_scratch
 from .streaming import store_fence
 from .stats_kernels import (merge_pixel_blocks, pixel_task_moments, pixel_task_rows, row_moments,
                             stats_channels_last, stats_rows)
@@ -100,9 +101,7 @@ def forward_samples(x, y, weight, bias, scale, shift, eps, act, mean, rstd):
     rstd_c = np.empty((n_batch, channels), dt)
     a = np.empty((n_batch, channels), dt)
     b = np.empty((n_batch, channels), dt)
-    bufs = a   # unused without an activation: no allocation
-    if act != NONE:
-        bufs = np.empty((n_batch, max(BLOCK, channels)), dt)
+    bufs = activation_scratch(a, act, n_batch, max(BLOCK, channels))
     for i in prange(n_batch):
         sample_forward(x, y, np.int64(i), weight, bias, scale, shift, eps, act, mean, rstd, m2, part_mean,
                        part_m2, s, q, sh, s64, q64, mean_c, rstd_c, a, b, bufs)
