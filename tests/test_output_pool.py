@@ -99,6 +99,27 @@ def test_last_freed_is_reused_first(pool):
     assert c.data_ptr() == pb and pa != pb
 
 
+def test_a_free_buffer_serves_another_dtype_of_the_same_size(pool):
+    """Free lists are kept by size and element type; a float32 buffer that came back serves
+    a bfloat16 output of the same byte size instead of growing the pool, and the tensor
+    on it reads back what the kernels' flat view (uint16 bits) holds."""
+    x32 = _like(POOLED)
+    y, _ = alloc.output_like(x32, False)
+    first = y.data_ptr()
+    del y
+    x16 = _like((2 * POOLED[0],) + POOLED[1:], torch.bfloat16)
+    assert x16.numel() * 2 == x32.numel() * 4
+    z, flat = alloc.output_like(x16, False)
+    assert z.data_ptr() == first and pool.pooled_bytes == x32.numel() * 4
+    assert flat.dtype == np.uint16 and z.dtype == torch.bfloat16 and z.shape == x16.shape
+    want = torch.randn(x16.shape).to(torch.bfloat16)
+    flat[:] = want.view(torch.int16).numpy().reshape(-1).view(np.uint16)
+    assert torch.equal(z, want)
+    del z
+    again, flat32 = alloc.output_like(x32, False)    # and back to float32
+    assert again.data_ptr() == first and flat32.dtype == np.float32 and pool.pooled_bytes == x32.numel() * 4
+
+
 def test_live_outputs_never_share_memory(pool):
     x = _like(POOLED)
     outs = []

@@ -60,32 +60,44 @@ def output_tensor_like(x: torch.Tensor, channels_last: bool):
     """output_like for a caller that passes the output by address: (tensor, its flat
     numpy view, or None where making one would cost a ``.numpy()``)."""
     nbytes = x.numel() * x.element_size()
-    buf = POOL.take(nbytes) if nbytes >= POOL_MIN_BYTES else None
-    if buf is None:
+    if nbytes < POOL_MIN_BYTES:
         return empty_like(x), None
-    shape = tuple(x.shape)
-    flat = buf.view(KERNEL_NUMPY[x.dtype])
+    return _pooled(x, x.shape, x.dtype, nbytes, channels_last)
+
+
+def output_known(x: torch.Tensor, shape, dtype: torch.dtype, nbytes: int, channels_last: bool) -> torch.Tensor:
+    """output_tensor_like's tensor, for a caller that has read x's shape, dtype and size
+    in bytes already (``launch._forward_known``, ``launch.backward_known``)."""
+    if nbytes < POOL_MIN_BYTES:
+        return torch.empty_like(x)
+    return _pooled(x, shape, dtype, nbytes, channels_last)[0]
+
+
+def _pooled(x: torch.Tensor, shape, dtype: torch.dtype, nbytes: int, channels_last: bool):
+    """(tensor like x on a pooled buffer, the buffer as the kernels' flat view), or
+    (empty_like(x), None) when the pool's bounds say no.
+
+    Every line here runs right after the previous kernel has flushed the caches, where
+    each Python or torch call costs microseconds (``benchmarks/glue_cost.py``): the
+    buffer comes already viewed as the kernels' element type, x's shape and dtype come
+    from the caller, and strides are compared only where they can differ. shape: x.shape."""
+    got = POOL.take(nbytes, KERNEL_NUMPY[dtype])
+    if got is None:
+        return empty_like(x), None
+    flat, home = got
     if channels_last:
         wrapped = flat.reshape((shape[0],) + shape[2:] + (shape[1],)).transpose(FROM_PIXELS[len(shape)])
     else:
         wrapped = flat.reshape(shape)
-    POOL.lend(wrapped, buf)
+    POOL.lend(wrapped, flat, home)
     y = torch.from_numpy(wrapped)
-    if x.dtype in HALF:
-        y = y.view(x.dtype)
-    if y.stride() != x.stride():
-        # Only the strides of size-1 dims can differ (same memory order): keep x's, as
-        # torch.empty_like would.
-        y = y.as_strided(x.shape, x.stride())
+    if dtype in HALF:
+        y = y.view(dtype)
+    if 1 in shape and y.stride() != x.stride():
+        # Only the strides of size-1 dims can differ (same memory order, dense): keep
+        # x's, as torch.empty_like would.
+        y = y.as_strided(shape, x.stride())
     return y, flat
-
-
-def output_known(x: torch.Tensor, nbytes: int, channels_last: bool) -> torch.Tensor:
-    """output_tensor_like's tensor, for a caller that knows x's size in bytes already
-    (``launch._forward_known``, ``launch.backward_known``)."""
-    if nbytes < POOL_MIN_BYTES:
-        return torch.empty_like(x)
-    return output_tensor_like(x, channels_last)[0]
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:

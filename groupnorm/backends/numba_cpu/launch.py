@@ -160,7 +160,7 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, s
     n, c = shape[0], shape[1]
     threads = sync_with_torch(numel)
     itemsize = dtype.itemsize
-    y = alloc.output_known(x, numel * itemsize, channels_last)
+    y = alloc.output_known(x, shape, dtype, numel * itemsize, channels_last)
     stream = streams_known(numel, itemsize, channels_last)
     hw = numel // (n * c)
     if channels_last:
@@ -171,9 +171,11 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, s
     else:
         entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
     keep = []   # converted parameters, alive until the entry has run
+    absent = _ABSENT[acc]   # scale / shift are None on every everyday call: no call to ask
     address = entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
-                    *_param_at(bias, acc, keep), *_param_at(scale, acc, keep), *_param_at(shift, acc, keep), eps,
-                    CODES[activation], _ZERO[acc], mean_np, rstd_np, stream, threads)
+                    *_param_at(bias, acc, keep), *(absent if scale is None else _param_at(scale, acc, keep)),
+                    *(absent if shift is None else _param_at(shift, acc, keep)), eps, CODES[activation],
+                    absent[2], mean_np, rstd_np, stream, threads)
     return y, address
 
 
@@ -200,7 +202,7 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
         dy = like_layout(dy, x)
     sums = np.empty((2, n, c), _NUMPY_ACC[acc])
     itemsize = dtype.itemsize
-    dx = alloc.output_known(x, numel * itemsize, channels_last) if need_dx else None
+    dx = alloc.output_known(x, shape, dtype, numel * itemsize, channels_last) if need_dx else None
     dw = alloc.empty_like(weight) if need_weight else None
     db = alloc.empty_like(bias) if need_bias else None
     entry, stream = _backward_entry(n, c, hw, num_groups, channels_last, threads, numel, itemsize, need_dx)

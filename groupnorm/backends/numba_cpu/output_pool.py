@@ -8,11 +8,15 @@ backward calls went between ~1.1 ms and ~7 ms per call depending only on whether
 heap was in that state (0 or 700 page faults per call), for ATen's outputs as much as
 ours. A buffer handed back here is already mapped and usually still in cache.
 
-How: each buffer is a 64-byte aligned numpy byte array. The tensor handed out wraps a
-fresh numpy view of it (``torch.from_numpy``: the tensor's storage keeps that view alive,
-whatever views or slices of the tensor the caller makes). A weak reference to the view
-returns the buffer to its size's free list when the storage dies; the next request
-of that size pops it (last freed first: warmest in cache). Nothing is ever shared between
+How: each buffer is a 64-byte aligned numpy array, kept flat and already viewed as the
+element type it was last handed out as (free lists by byte size and numpy type: a dtype
+view costs ~7 us right after a kernel has flushed the caches, measured with
+``benchmarks/glue_cost.py``). The tensor handed out wraps a fresh numpy view of it
+(``torch.from_numpy``: the tensor's storage keeps that view alive, whatever views or
+slices of the tensor the caller makes). A weak reference to the view returns the buffer
+to its free list when the storage dies; the next request of that size and type pops it
+(last freed first: warmest in cache), and a request of that size for another type takes
+a free buffer of the other type before growing the pool. Nothing is ever shared between
 live tensors, and a buffer's old contents are never observable through the API: every
 kernel writes its whole output (the tests poison outputs to check that).
 
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -40,17 +44,19 @@ def aligned_bytes(nbytes: int) -> np.ndarray:
 
 
 class OutputPool:
-    """Free lists of output buffers by size; see the module docstring."""
+    """Free lists of output buffers by size and element type; see the module docstring."""
 
     def __init__(self, limit_bytes: int, per_size: int = 8,
                  new_buffer: Callable[[int], np.ndarray] = aligned_bytes):
         self.limit_bytes = int(limit_bytes)
         self.per_size = per_size
         self._new_buffer = new_buffer
-        self._free: Dict[int, List[np.ndarray]] = {}   # nbytes -> free buffers (LIFO)
+        # (nbytes, numpy type) -> free flat buffers of that type (LIFO). A list, once made,
+        # stays the list of its key: a buffer in use remembers where it goes back.
+        self._free: Dict[Tuple[int, type], List[np.ndarray]] = {}
         self._count: Dict[int, int] = {}               # nbytes -> buffers pooled (free + in use)
         self._pooled_bytes = 0
-        self._handed_out: Dict[int, tuple] = {}   # id(weakref) -> (weakref, buffer)
+        self._handed_out: Dict[int, tuple] = {}   # id(weakref) -> (weakref, buffer, its free list)
         # Guards the counts; the free lists and _handed_out change without it (single list /
         # dict operations), so a buffer coming back (a weakref callback) never waits.
         self._lock = threading.Lock()
@@ -62,30 +68,46 @@ class OutputPool:
     def free_buffers(self) -> int:
         return sum(len(v) for v in self._free.values())
 
-    def take(self, nbytes: int) -> Optional[np.ndarray]:
-        """A free (or new) buffer of nbytes, or None when the bounds say no. It is out of
-        the free lists until ``lend`` ties it to the array a tensor will wrap."""
-        free = self._free.get(nbytes)
-        if free:
+    def take(self, nbytes: int, kind: type = np.uint8) -> Optional[Tuple[np.ndarray, list]]:
+        """(a free or new flat buffer of nbytes as numpy type ``kind``, the free list it
+        goes back to), or None when the bounds say no. The buffer is out of the free lists
+        until ``lend`` ties it to the array a tensor will wrap."""
+        home = self._free.get((nbytes, kind))
+        if home:
             try:
-                return free.pop()
+                return home.pop(), home
             except IndexError:   # another thread took the last one
                 pass
-        return self._grow(nbytes)
+        elif home is None:
+            home = self._free.setdefault((nbytes, kind), [])
+        buf = self._free_of_other_kind(nbytes, kind)
+        if buf is None:
+            buf = self._grow(nbytes)
+        return None if buf is None else (buf.view(kind), home)
 
-    def lend(self, wrapped: np.ndarray, buf: np.ndarray) -> None:
-        """buf returns to its free list when ``wrapped`` (a view of buf that the tensor's
-        storage holds: the very object given to ``torch.from_numpy``) is deallocated.
-        (numpy collapses view chains to the memory's owner, so a view *of* wrapped would
-        not keep wrapped alive: wrap this object itself.)"""
+    def lend(self, wrapped: np.ndarray, buf: np.ndarray, home: list) -> None:
+        """buf (from ``take``, with its free list ``home``) returns to home when ``wrapped``
+        (a view of buf that the tensor's storage holds: the very object given to
+        ``torch.from_numpy``) is deallocated. (numpy collapses view chains to the memory's
+        owner, so a view *of* wrapped would not keep wrapped alive: wrap this object itself.)"""
         ref = weakref.ref(wrapped, self._returned)   # an ndarray is unhashable: keyed by id
-        self._handed_out[id(ref)] = (ref, buf)
+        self._handed_out[id(ref)] = (ref, buf, home)
 
     def _returned(self, ref: weakref.ref) -> None:
         entry = self._handed_out.pop(id(ref), None)
         if entry is not None:
-            buf = entry[1]
-            self._free[buf.nbytes].append(buf)
+            entry[2].append(entry[1])
+
+    def _free_of_other_kind(self, nbytes: int, kind: type) -> Optional[np.ndarray]:
+        """A free buffer of nbytes kept as another numpy type (rare: two dtypes whose
+        outputs have the same byte size), or None."""
+        for (size, other), free in list(self._free.items()):
+            if size == nbytes and other is not kind and free:
+                try:
+                    return free.pop()
+                except IndexError:
+                    pass
+        return None
 
     def _grow(self, nbytes: int) -> Optional[np.ndarray]:
         with self._lock:
@@ -96,7 +118,6 @@ class OutputPool:
                 if self._pooled_bytes + nbytes > self.limit_bytes:
                     return None
             buf = self._new_buffer(nbytes)
-            self._free.setdefault(nbytes, [])
             self._count[nbytes] = self._count.get(nbytes, 0) + 1
             self._pooled_bytes += nbytes
             return buf
@@ -105,8 +126,8 @@ class OutputPool:
         """Drop free buffers (other sizes than keep first) until want bytes are gone.
         The caller holds the lock."""
         dropped = 0
-        for size in sorted(self._free, key=lambda s: s == keep):
-            free = self._free[size]
+        for key in sorted(self._free, key=lambda k: k[0] == keep):
+            size, free = key[0], self._free[key]
             while free and dropped < want:
                 try:
                     free.pop()
