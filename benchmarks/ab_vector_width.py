@@ -79,9 +79,9 @@ def _cases(N, C, HW):
     stats = (np.empty((N, GROUPS), f32), np.empty((N, GROUPS), f32))
     w, b = np.random.randn(C).astype(f32), np.random.randn(C).astype(f32)
     return {
-        "forward_groups": ([fk.forward_groups, fk.group_task],
+        "forward_groups": ([fk.forward_groups, fk.groups_run, fk.group_apply],
                            lambda dt: (planes(dt), np.empty_like(planes(dt)), HW, w, b, empty, empty, 1e-5, 0, f32(0),
-                                       *stats, None)),
+                                       *stats, None, 2)),
         "apply_cl": ([ak.apply_channels_last, ak.apply_pixel_task, ak.apply_pixels],
                      lambda dt: (pixels(dt), np.empty_like(pixels(dt)), *_coefs(N, C, 3), 0, None)),
         "stats_cl": ([sk.stats_channels_last, sk.pixel_task_run, sk.pixel_task_moments, sk.shifted_channel_sums],
@@ -91,10 +91,11 @@ def _cases(N, C, HW):
         "reduce_cl": ([bk.reduce_channels_last, bk.reduce_pixel_run, bk.reduce_pixels],
                       lambda dt: (pixels(dt), pixels(dt), *_coefs(N, C, 4), 0, np.empty((N, C), f32),
                                   np.empty((N, C), f32), f32(0), 2)),
-        "dx_rows": ([bk.backward_fused_rows, bk.fused_group, bk.dx_row_block, bk.dx_rows_none],
+        "dx_rows": ([bk.backward_fused_rows, bk.fused_groups_run, bk.group_dx_terms, bk.dx_row_block,
+                     bk.dx_rows_none],
                     lambda dt: (rows_(dt), rows_(dt), np.empty_like(rows_(dt)), cpg,
                                 *[np.random.randn(rows).astype(f32) for _ in range(4)], np.random.randn(rows), 0,
-                                np.empty(rows, f32), np.empty(rows, f32), True, f32(0), None)),
+                                np.empty(rows, f32), np.empty(rows, f32), True, f32(0), None, 2)),
     }
 
 

@@ -91,7 +91,7 @@ def split(shape):
     assert torch.equal(checked_lean_forward(x, GROUPS, w, b, 1e-5), group_norm(x, GROUPS, w, b))
     dst = torch.empty_like(x)
     sides = {
-        "kernel": lambda: forward_groups(xg, y, hw, wn, bn, empty, empty, 1e-5, 0, _ZERO, mean, rstd, None),
+        "kernel": lambda: forward_groups(xg, y, hw, wn, bn, empty, empty, 1e-5, 0, _ZERO, mean, rstd, None, 2),
         "launcher": lambda: numba_cpu.forward_output(x, w, b, None, None, GROUPS, 1e-5, "none"),
         "API": lambda: group_norm(x, GROUPS, w, b),
         "lean": lambda: lean_forward(x, GROUPS, w, b, 1e-5),

@@ -65,8 +65,8 @@ def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n
 # Forward entries: x, y are N * C * HW elements in x's memory order; mean, rstd (N, G)
 # outputs; stream: None, or True to write y with streaming stores (forward_samples' small
 # samples never are; the launcher passes None there); threads: the thread count the
-# launcher set (forward_pixel_blocks runs its passes in that many runs: pixel_tasks.
-# thread_run; the others ignore it); the same arguments for each, so the
+# launcher set (forward_groups and forward_pixel_blocks run their tasks in that many
+# runs: pixel_tasks.thread_run; the others ignore it); the same arguments for each, so the
 # launcher calls whichever it picked. Each returns mean's address: a caller that keeps the
 # statistics for a backward entry gets it here (numpy's ``ctypes.data`` costs ~18 us
 # right after a kernel, against nanoseconds to box an int).
@@ -74,13 +74,13 @@ def params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n
 @njit(cache=True, error_model="numpy", fastmath=False)
 def forward_groups_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, w_like, b_at, b_n, b_like,
                       s_at, s_n, s_like, t_at, t_n, t_like, eps, act, zero, mean, rstd, stream, threads):
-    """forward_kernels.forward_groups: contiguous, one task per (n, g)."""
+    """forward_kernels.forward_groups: contiguous, per-(n, g) tasks in runs."""
     rows = n_batch * mean.shape[1]
     size = n_batch * channels * hw
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
     forward_groups(array_at(x_at, size, like).reshape(rows, size // rows),
                    array_at(y_at, size, like).reshape(rows, size // rows), hw, w, b, s, t, eps, act, zero, mean,
-                   rstd, stream)
+                   rstd, stream, threads)
     return mean.ctypes.data
 
 
@@ -125,7 +125,7 @@ def forward_pixel_blocks_at(x_at, y_at, like, n_batch, channels, hw, w_at, w_n, 
 # without need_dx, written with streaming stores when stream is True, not None); mean, rstd: N * G
 # elements of stat_like's type; outputs sum_dz_xhat, sum_dz: (N, C) arrays, and
 # dweight, dbias: (C,) or 0 elements; threads as for the forward entries (used by the
-# channels-last pixel-block backward).
+# contiguous per-group and the channels-last pixel-block backward).
 
 @njit(cache=True, error_model="numpy", fastmath=False)
 def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_like, n_batch, groups):
@@ -145,14 +145,14 @@ def backward_arrays_at(dy_at, x_at, dx_at, like, shape, mean_at, rstd_at, stat_l
 def backward_groups_at(dy_at, x_at, dx_at, like, n_batch, channels, hw, need_dx, stream, mean_at, rstd_at,
                        stat_like, groups, w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n,
                        t_like, act, zero, sum_dz_xhat, sum_dz, dw_at, dw_n, dw_like, db_at, db_n, db_like, threads):
-    """entries.backward_rows_fused: contiguous, one task per (n, g)."""
+    """entries.backward_rows_fused: contiguous, per-(n, g) tasks in runs."""
     rows = n_batch * channels
     dy, x, dx, mean, rstd = backward_arrays_at(dy_at, x_at, dx_at, like, (rows, hw), mean_at, rstd_at,
                                                stat_like, n_batch, groups)
     w, b, s, t = params_at(w_at, w_n, w_like, b_at, b_n, b_like, s_at, s_n, s_like, t_at, t_n, t_like)
     backward_rows_fused(dy, x, dx, channels // groups, mean, rstd, w, b, s, t, act, need_dx, stream, zero,
                         sum_dz_xhat.reshape(rows), sum_dz.reshape(rows), array_at(dw_at, dw_n, dw_like),
-                        array_at(db_at, db_n, db_like))
+                        array_at(db_at, db_n, db_like), threads)
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)

@@ -35,6 +35,7 @@ PIXEL_ROWS_MIN = 16   # ... but at least this many pixels ...
 PIXEL_ROWS_MAX = 512  # ... and at most this many (float32 per-channel partial sums)
 SUM_BLOCK = 4096        # elements summed in the accumulation dtype before a float64 add
 ROW_TASK_ELEMS = 16384  # contiguous layout: elements per parallel task (whole rows)
+GROUP_BLOCK_ELEMS = 16384  # contiguous fused backward: a block of small groups per stage (fused_groups_run)
 JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
 # Only the sum loops may reassociate (LLVM vectorises them into partial sums), and they
 # are kept out of line (function_attributes.out_of_line). Reassoc let LLVM regroup terms
@@ -405,16 +406,9 @@ def dx_run_backwards(dy, x, dx, first, end, blocks, block_rows, mean_c, a, b, p,
 
 
 @njit(**JIT)
-def fused_group(dy, x, dx, lo, hi, count, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat,
-                sum_dz, need_dx, p, q, zero, stream):
-    """Whole backward of one group: rows lo..hi-1 of the (N*C, HW) contiguous layout.
-
-    The per-(n, c) sums exactly as reduce_rows forms them, the group's dx terms (in
-    float64, like coefs.dx_coefs), then dx while the group's rows are still warm in cache.
-    """
-    reduce_row_block(dy, x, lo, hi, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero)
-    if not need_dx:
-        return
+def group_dx_terms(lo, hi, count, rstd_c, gain, sum_dz_xhat, sum_dz, p, q):
+    """p, q of rows lo..hi-1 (one group) from its per-row sums, in float64 like
+    coefs.dx_coefs."""
     s_dxhat = 0.0
     s_dxhat_xhat = 0.0
     for r in range(lo, hi):
@@ -427,23 +421,45 @@ def fused_group(dy, x, dx, lo, hi, count, mean_c, rstd_c, a, b, gain, act, sum_d
     for r in range(lo, hi):
         p[r] = pg
         q[r] = qg
-    dx_row_block(dy, x, dx, lo, hi, mean_c, a, b, p, q, act, stream)
+
+
+@njit(**JIT)
+def fused_groups_run(dy, x, dx, first, end, per, cpg, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat, sum_dz,
+                     need_dx, p, q, zero, stream):
+    """Groups first..end-1 of backward_fused_rows (rows first * cpg ..), ``per`` groups
+    at a time: the per-(n, c) sums of the block's rows exactly as reduce_rows forms them
+    (each row by itself), each group's dx terms, then dx while the block (at most
+    GROUP_BLOCK_ELEMS elements of each input) is warm in cache.
+
+    Why blocks: as in the forward (forward_kernels.groups_run), a small group's dx waits
+    on a chain of dependent sums; the sums of a block's groups are independent, so the
+    core overlaps them, and a block costs one call per stage instead of one per group."""
+    count = cpg * x.shape[1]
+    for lo in range(first, end, per):
+        hi = min(lo + per, end)
+        reduce_row_block(dy, x, lo * cpg, hi * cpg, mean_c, rstd_c, a, b, act, sum_dz_xhat, sum_dz, zero)
+        if need_dx:
+            for grp in range(lo, hi):
+                group_dx_terms(grp * cpg, (grp + 1) * cpg, count, rstd_c, gain, sum_dz_xhat, sum_dz, p, q)
+            dx_row_block(dy, x, dx, lo * cpg, hi * cpg, mean_c, a, b, p, q, act, stream)
 
 
 @njit(parallel=True, **JIT)
 def backward_fused_rows(dy, x, dx, cpg, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat, sum_dz,
-                        need_dx, zero, stream):
-    """Contiguous layout, one task per (n, g) (cpg consecutive rows). dy, x, dx: (N*C, HW);
-    mean_c, rstd_c, a, b, gain (= w * (1 + s), float64) and the outputs: (N*C,).
+                        need_dx, zero, stream, threads):
+    """Contiguous layout, per-(n, g) tasks (cpg consecutive rows) in ``threads``
+    contiguous runs (pixel_tasks.thread_run). dy, x, dx: (N*C, HW); mean_c, rstd_c, a,
+    b, gain (= w * (1 + s), float64) and the outputs: (N*C,).
 
-    The result does not depend on the thread count: each group is one task, its sums are
-    formed in a fixed order.
+    The result does not depend on the thread count or the blocking: each row's sums are
+    formed by themselves, each group's terms in a fixed order.
     """
     rows, length = x.shape
-    count = cpg * length
     p = np.empty(rows, a.dtype)
     q = np.empty(rows, a.dtype)
-    for task in prange(rows // cpg):
-        lo = task * cpg
-        fused_group(dy, x, dx, lo, lo + cpg, count, mean_c, rstd_c, a, b, gain, act,
-                    sum_dz_xhat, sum_dz, need_dx, p, q, zero, stream)
+    groups = rows // cpg
+    per = max(1, GROUP_BLOCK_ELEMS // (cpg * length))
+    for t in prange(threads):
+        first, end = thread_run(groups, threads, t)
+        fused_groups_run(dy, x, dx, first, end, per, cpg, mean_c, rstd_c, a, b, gain, act, sum_dz_xhat, sum_dz,
+                         need_dx, p, q, zero, stream)

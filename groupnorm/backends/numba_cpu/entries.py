@@ -49,15 +49,15 @@ def param_sums(sum_dz_xhat, sum_dz, dweight, dbias):
 
 @njit(**JIT)
 def backward_rows_fused(dy, x, dx, cpg, mean, rstd, weight, bias, scale, shift, act, need_dx, stream, zero,
-                        sum_dz_xhat, sum_dz, dweight, dbias):
-    """Contiguous layout, one task per (n, g). dy, x, dx: (N*C, HW); mean, rstd: (N, G);
-    outputs sum_dz_xhat, sum_dz: (N*C,), and dweight, dbias: (C,) or size 0."""
+                        sum_dz_xhat, sum_dz, dweight, dbias, threads):
+    """Contiguous layout, per-(n, g) tasks in ``threads`` runs. dy, x, dx: (N*C, HW); mean,
+    rstd: (N, G); outputs sum_dz_xhat, sum_dz: (N*C,), and dweight, dbias: (C,) or size 0."""
     n_batch, groups = mean.shape
     channels = cpg * groups
     mean_c, rstd_c, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
     gain = gain_coefs(weight, scale, n_batch, channels)
     backward_fused_rows(dy, x, dx, cpg, mean_c.reshape(-1), rstd_c.reshape(-1), a.reshape(-1),
-                        b.reshape(-1), gain, act, sum_dz_xhat, sum_dz, need_dx, zero, stream)
+                        b.reshape(-1), gain, act, sum_dz_xhat, sum_dz, need_dx, zero, stream, threads)
     param_sums(sum_dz_xhat, sum_dz, dweight, dbias)
 
 

@@ -158,7 +158,7 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, s
     written into mean_np, rstd_np ((N, G) arrays), x's facts given."""
     acc = _ACC[dtype]
     n, c = shape[0], shape[1]
-    threads = sync_with_torch(numel)
+    threads = sync_with_torch(numel, n * c)
     itemsize = dtype.itemsize
     y = alloc.output_known(x, shape, dtype, numel * itemsize, channels_last)
     stream = streams_known(numel, itemsize, channels_last)
@@ -191,7 +191,7 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
     in instead of asked again. dy: the gradient of y (y's dtype; any strides)."""
     acc = _ACC[dtype]
     n, c = shape[0], shape[1]
-    threads = sync_with_torch(numel)
+    threads = sync_with_torch(numel, n * c)
     hw = numel // (n * c)
     if channels_last:   # (3-D channels-last-like strides have no memory format: compare strides)
         layout = _LAYOUT_OF.get(len(shape))
@@ -325,8 +325,9 @@ def backward_fused(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     An optional extension of the backend contract (not one of the five functions): the
     op layer may call it when no all-reduce sits between the two stages. One compiled entry
     (see entries) forms the coefficients and runs the kernels: contiguous x with enough
-    groups runs one task per (n, g) (the sums, then dx while the group is still in cache);
-    other layouts run the two stages back to back. Group terms are formed in float64.
+    groups runs per-(n, g) tasks (the sums, then dx while the group is still in cache; small
+    groups a block at a time); other layouts run the two stages back to back. Group terms
+    are formed in float64.
     """
     return _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation, need_dx,
                      False)[:3]
@@ -361,7 +362,7 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     shape = x.shape
     n, c = shape[0], shape[1]
     numel = x.numel()
-    threads = sync_with_torch(numel)
+    threads = sync_with_torch(numel, n * c)
     hw = numel // (n * c)
     acc = acc_dtype(x.dtype)
     if param_sums:
