@@ -79,7 +79,7 @@ def _cases(N, C, HW):
     stats = (np.empty((N, GROUPS), f32), np.empty((N, GROUPS), f32))
     w, b = np.random.randn(C).astype(f32), np.random.randn(C).astype(f32)
     return {
-        "forward_groups": ([fk.forward_groups, fk.groups_run, fk.group_apply],
+        "forward_groups": ([fk.forward_groups, fk.groups_run, fk.groups_stats, fk.groups_apply],
                            lambda dt: (planes(dt), np.empty_like(planes(dt)), HW, w, b, empty, empty, 1e-5, 0, f32(0),
                                        *stats, None, 2)),
         "apply_cl": ([ak.apply_channels_last, ak.apply_pixel_task, ak.apply_pixels],

@@ -94,7 +94,7 @@ def test_elementwise_passes_keep_the_default_width_unless_half_typed(monkeypatch
 def test_the_elementwise_passes_are_registered():
     from groupnorm.backends.numba_cpu import apply_kernels, backward_kernels, forward_kernels
 
-    for fn in (forward_kernels.group_apply, apply_kernels.apply_rows_none, apply_kernels.apply_pixels,
+    for fn in (forward_kernels.groups_apply, apply_kernels.apply_rows_none, apply_kernels.apply_pixels,
                backward_kernels.dx_rows_none, backward_kernels.dx_pixels):
         assert fa.mangled_prefix(f"{fn.py_func.__module__}.{fn.py_func.__qualname__}") in fa._ELEMENTWISE
 
