@@ -85,3 +85,37 @@ def cpu_backend(name):
         pytest.skip(f"backend {name} unavailable")
     with registry.use_backend(name, "cpu"):
         yield
+
+
+def assert_backward_matches_reference(outs, dy, x, mean, rstd, weight, bias, scale, shift, groups, act):
+    """A backward kernel's (dx, (N, C) sums of dz1 * xhat and of dz1, dweight, dbias)
+    against the float64 reference. mean, rstd (N, G) and weight, bias, scale, shift: the
+    float64 values the kernel was given (None where absent; without weight, dweight and
+    dbias are not checked). Tolerances by x's dtype, sums scaled with sqrt(HW)."""
+    dx, s1, s0, dw, db = outs
+    n, c = x.shape[:2]
+    xd = x.double()
+    rs1, rs0 = reference.backward_reduce(dy.double(), xd, mean, rstd, weight, bias, scale, shift, groups, act)
+    k = (weight if weight is not None else torch.ones(c, dtype=torch.float64)).expand(n, c)
+    if scale is not None:
+        k = k * (1 + scale)
+    g1 = (rs0 * k).view(n, groups, -1).sum(-1)
+    g2 = (rs1 * k).view(n, groups, -1).sum(-1)
+    count = x.numel() // (n * groups)
+    rdx = reference.backward_dx(dy.double(), xd, mean, rstd, weight, bias, scale, shift, g1, g2, count, groups, act)
+    tol = {torch.float32: 5e-4, torch.float64: 1e-9, torch.bfloat16: 5e-2}[x.dtype]
+    hw = x.numel() // (n * c)
+    torch.testing.assert_close(dx.double(), rdx, atol=tol, rtol=tol)
+    torch.testing.assert_close(s1.double().view(n, c), rs1, atol=tol * hw ** 0.5, rtol=tol)
+    torch.testing.assert_close(s0.double().view(n, c), rs0, atol=tol * hw ** 0.5, rtol=tol)
+    if weight is not None:
+        torch.testing.assert_close(dw.double(), rs1.sum(0), atol=tol * (n * hw) ** 0.5, rtol=tol)
+        torch.testing.assert_close(db.double(), rs0.sum(0), atol=tol * (n * hw) ** 0.5, rtol=tol)
+
+
+def reference_stats(x, groups, acc):
+    """(mean, rstd) of x in float64 from the reference (eps 1e-5), and the same as numpy
+    arrays in the accumulation dtype ``acc``: the statistics a backward kernel is given."""
+    mean, m2 = reference.stats(x.double(), groups)
+    rstd = reference.rstd_from_m2(m2, x.numel() // (x.shape[0] * groups), 1e-5)
+    return mean, rstd, mean.to(acc).numpy(), rstd.to(acc).numpy()

@@ -10,6 +10,7 @@ import torch
 numba = pytest.importorskip("numba")
 
 from groupnorm import reference  # noqa: E402
+from helpers import assert_backward_matches_reference, reference_stats  # noqa: E402
 from groupnorm.backends import numba_cpu  # noqa: E402
 from groupnorm.backends.numba_cpu import bits, launch  # noqa: E402
 from groupnorm.backends.numba_cpu.activations import CODES  # noqa: E402
@@ -141,11 +142,7 @@ def test_backward_paths_bitwise_equal(shape, groups, dtype, act, scaled, affine)
     b = launch.param(b_t, acc) if affine else empty
     s = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
     t = launch.param(0.3 * torch.randn(n, c, generator=g), acc) if scaled else empty
-    xd = x.double()
-    rmean, rm2 = reference.stats(xd, groups)
-    count = x.numel() // (n * groups)
-    rrstd = reference.rstd_from_m2(rm2, count, 1e-5)
-    mean, rstd = rmean.to(acc).numpy(), rrstd.to(acc).numpy()
+    rmean, rrstd, mean, rstd = reference_stats(x, groups, acc)
     outs = []
     for threads in (None, 1, 2, 3):   # None: per sample; else pixel blocks in that many runs
         dx = torch.full_like(x, float("nan"))
@@ -167,18 +164,4 @@ def test_backward_paths_bitwise_equal(shape, groups, dtype, act, scaled, affine)
     sh = None if not scaled else torch.from_numpy(t).view(n, c).double()
     wd = None if not affine else w_t.double()
     bd = None if not affine else b_t.double()
-    rs1, rs0 = reference.backward_reduce(dy.double(), xd, rmean, rrstd, wd, bd, sc, sh, groups, act)
-    k = (wd if affine else torch.ones(c, dtype=torch.float64)).expand(n, c)
-    if scaled:
-        k = k * (1 + sc)
-    g1 = (rs0 * k).view(n, groups, -1).sum(-1)
-    g2 = (rs1 * k).view(n, groups, -1).sum(-1)
-    rdx = reference.backward_dx(dy.double(), xd, rmean, rrstd, wd, bd, sc, sh, g1, g2, count, groups, act)
-    tol = {torch.float32: 5e-4, torch.float64: 1e-9, torch.bfloat16: 5e-2}[dtype]
-    hw = x.numel() // (n * c)
-    torch.testing.assert_close(outs[0][0].double(), rdx, atol=tol, rtol=tol)
-    torch.testing.assert_close(outs[0][1].double(), rs1, atol=tol * hw ** 0.5, rtol=tol)
-    torch.testing.assert_close(outs[0][2].double(), rs0, atol=tol * hw ** 0.5, rtol=tol)
-    if affine:
-        torch.testing.assert_close(outs[0][3].double(), rs1.sum(0), atol=tol * (n * hw) ** 0.5, rtol=tol)
-        torch.testing.assert_close(outs[0][4].double(), rs0.sum(0), atol=tol * (n * hw) ** 0.5, rtol=tol)
+    assert_backward_matches_reference(outs[0], dy, x, rmean, rrstd, wd, bd, sc, sh, groups, act)

@@ -13,6 +13,7 @@ import torch
 numba = pytest.importorskip("numba")
 
 from groupnorm import reference  # noqa: E402
+from helpers import assert_backward_matches_reference, reference_stats  # noqa: E402
 from groupnorm.backends.numba_cpu import launch  # noqa: E402
 from groupnorm.backends.numba_cpu.activations import CODES  # noqa: E402
 from groupnorm.backends.numba_cpu.backward_kernels import GROUP_BLOCK_ELEMS as BACKWARD_BLOCK  # noqa: E402
@@ -88,15 +89,10 @@ def test_backward_bits_do_not_depend_on_blocks_or_runs(shape, groups, dtype, act
     x = _x(shape, dtype, 5)
     dy = _x(shape, dtype, 6) - 1.7
     n, c = shape[:2]
-    hw = x.numel() // (n * c)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     adt = np.float64 if dtype == torch.float64 else np.float32
     (w_t, b_t, s_t, t_t), (w, b, s, t) = _params(c, n, dtype, affine, scaled, acc)
-    xd = x.double()
-    rmean, rm2 = reference.stats(xd, groups)
-    count = x.numel() // (n * groups)
-    rrstd = reference.rstd_from_m2(rm2, count, 1e-5)
-    mean, rstd = rmean.to(acc).numpy(), rrstd.to(acc).numpy()
+    rmean, rrstd, mean, rstd = reference_stats(x, groups, acc)
     outs = []
     for runs in RUNS:
         dx = torch.full_like(x, float("nan"))
@@ -110,24 +106,8 @@ def test_backward_bits_do_not_depend_on_blocks_or_runs(shape, groups, dtype, act
     for other in outs[1:]:
         for a_, b_ in zip(outs[0], other):
             assert torch.equal(a_, b_)
-    sc = None if s_t is None else s_t.double()
-    sh = None if t_t is None else t_t.double()
-    wd = None if w_t is None else w_t.double()
-    bd = None if b_t is None else b_t.double()
-    rs1, rs0 = reference.backward_reduce(dy.double(), xd, rmean, rrstd, wd, bd, sc, sh, groups, act)
-    k = (wd if affine else torch.ones(c, dtype=torch.float64)).expand(n, c)
-    if scaled:
-        k = k * (1 + sc)
-    g1 = (rs0 * k).view(n, groups, -1).sum(-1)
-    g2 = (rs1 * k).view(n, groups, -1).sum(-1)
-    rdx = reference.backward_dx(dy.double(), xd, rmean, rrstd, wd, bd, sc, sh, g1, g2, count, groups, act)
-    tol = {torch.float32: 5e-4, torch.float64: 1e-9, torch.bfloat16: 5e-2}[dtype]
-    torch.testing.assert_close(outs[0][0].double(), rdx, atol=tol, rtol=tol)
-    torch.testing.assert_close(outs[0][1].double().view(n, c), rs1, atol=tol * hw ** 0.5, rtol=tol)
-    torch.testing.assert_close(outs[0][2].double().view(n, c), rs0, atol=tol * hw ** 0.5, rtol=tol)
-    if affine:
-        torch.testing.assert_close(outs[0][3].double(), rs1.sum(0), atol=tol * (n * hw) ** 0.5, rtol=tol)
-        torch.testing.assert_close(outs[0][4].double(), rs0.sum(0), atol=tol * (n * hw) ** 0.5, rtol=tol)
+    assert_backward_matches_reference(outs[0], dy, x, rmean, rrstd, *[None if v is None else v.double()
+                                                                        for v in (w_t, b_t, s_t, t_t)], groups, act)
 
 
 def test_many_short_rows_run_on_every_thread():
