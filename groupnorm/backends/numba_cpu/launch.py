@@ -175,7 +175,7 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, s
     address = entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
                     *_param_at(bias, acc, keep), *(absent if scale is None else _param_at(scale, acc, keep)),
                     *(absent if shift is None else _param_at(shift, acc, keep)), eps, CODES[activation],
-                    absent[2], mean_np, rstd_np, stream, threads)
+                    _ZERO[acc], mean_np, rstd_np, stream, threads)
     return y, address
 
 
