@@ -4,8 +4,9 @@ the package's LLVM function attributes apply as they do to the real kernels).
 A sum in a fixed order that no compiler pass may regroup: LANES partial sums in a stack
 array (element j takes elements j, j + LANES, ...; each update is elementwise, so LLVM
 vectorises it without reassociation), then a tree of strict adds by halves written as
-explicit LLVM vector shuffles (``tree_total``). Against it, the library's way: one scalar
-accumulator compiled with ``reassoc`` (LLVM picks the partial sums).
+explicit LLVM vector shuffles (``tree_total``). Each kernel here has the contract of a
+library sum function compiled with ``reassoc`` (LLVM picks the partial sums), which the
+A/B script runs as the other side.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from groupnorm.backends.numba_cpu.elements import load
+from groupnorm.backends.numba_cpu.stats_kernels import shifted_chunk_moments
 
 LANES = 64
+ALIGN = 64   # bytes: the stack lanes start on a cache line
 JIT = dict(cache=False, error_model="numpy", fastmath={"contract", "nsz"})
-JIT_SUM = dict(cache=False, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
 
 
 @intrinsic
@@ -29,7 +31,9 @@ def stack_lanes(typingctx, like):
         return None
 
     def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(like), size=LANES)
+        lanes = cgutils.alloca_once(builder, context.get_value_type(like), size=LANES)
+        lanes.align = ALIGN   # whole cache lines: no load or store of the lanes splits one
+        return lanes
 
     return types.CPointer(like)(like), codegen
 
@@ -44,7 +48,7 @@ def tree_total(typingctx, pointer):
     def codegen(context, builder, signature, args):
         element = context.get_value_type(pointer.dtype)
         vector = builder.load(builder.bitcast(args[0], ir.VectorType(element, LANES).as_pointer()),
-                              align=context.get_abi_sizeof(element))   # the stack array's alignment
+                              align=ALIGN)
         half = LANES
         while half > 1:
             half //= 2
@@ -58,9 +62,11 @@ def tree_total(typingctx, pointer):
 
 
 @njit(**JIT)
-def shifted_fixed(row, shift, zero):
-    """(sum(x - shift), sum((x - shift)^2)) in the fixed order."""
-    n = row.shape[0]
+def shifted_fixed(row, lo, hi, shift, zero):
+    """stats_kernels.shifted_chunk_moments (the library's reassociated sums) with its two
+    sums in the fixed order: (mean, m2) of row[lo:hi] in float64."""
+    v = row[lo:hi]
+    n = v.shape[0]
     ps, pq = stack_lanes(zero), stack_lanes(zero)
     s, q = carray(ps, LANES), carray(pq, LANES)
     for j in range(LANES):
@@ -69,46 +75,42 @@ def shifted_fixed(row, shift, zero):
     full = n - n % LANES
     for i in range(0, full, LANES):
         for j in range(LANES):
-            d = load(row, i + j) - shift
+            d = load(v, i + j) - shift
             s[j] += d
             q[j] += d * d
-    for j in range(n - full):
-        d = load(row, full + j) - shift
-        s[j] += d
-        q[j] += d * d
-    return tree_total(ps), tree_total(pq)
-
-
-@njit(**JIT_SUM)
-def shifted_reassoc(row, shift, zero):
-    """The same sums as one reassociated accumulator each (the library's way)."""
-    s = zero
-    q = zero
-    for i in range(row.shape[0]):
-        d = load(row, i) - shift
-        s += d
-        q += d * d
-    return s, q
+    if full < n:   # the last partial block: masked lanes add exact zeros
+        for j in range(LANES):
+            d = load(v, min(full + j, n - 1)) - shift if full + j < n else zero
+            s[j] += d
+            q[j] += d * d
+    s64 = np.float64(tree_total(ps))
+    return np.float64(shift) + s64 / n, max(np.float64(tree_total(pq)) - s64 * s64 / n, 0.0)
 
 
 @njit(**JIT)
 def repeat_shifted(fixed, row, reps, zero):
+    """reps calls of one side on the whole row (the call overhead counted on both sides)."""
     total = 0.0
     for _ in range(reps):
-        s, q = shifted_fixed(row, zero, zero) if fixed else shifted_reassoc(row, zero, zero)
-        total += s + q
+        if fixed:
+            mean, m2 = shifted_fixed(row, 0, row.shape[0], zero, zero)
+        else:
+            mean, m2 = shifted_chunk_moments(row, 0, row.shape[0], zero, zero)
+        total += mean + m2
     return total
 
 
 @njit(**JIT)
-def rows_fixed(dy, x, mean, out_xc, out_dz, zero):
-    """Per row r: sum(dy * (x - mean[r])) and sum(dy), the backward's reduce_rows_none."""
-    rows, length = x.shape
+def rows_fixed(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
+    """backward_kernels.reduce_rows_none (short rows) with its two sums in the fixed
+    order: per row r, rstd_c[r] * sum(dy * (x - mean_c[r])) and sum(dy)."""
+    length = x.shape[1]
     full = length - length % LANES
     pa, pb = stack_lanes(zero), stack_lanes(zero)
     sa, sb = carray(pa, LANES), carray(pb, LANES)
-    for r in range(rows):
-        m = mean[r]
+    dy_flat, x_flat = dy.reshape(-1), x.reshape(-1)
+    for r in range(lo, hi):
+        m = mean_c[r]
         for j in range(LANES):
             sa[j] = zero
             sb[j] = zero
@@ -117,24 +119,13 @@ def rows_fixed(dy, x, mean, out_xc, out_dz, zero):
                 g = load(dy, (r, i + j))
                 sa[j] += g * (load(x, (r, i + j)) - m)
                 sb[j] += g
-        for j in range(length - full):
-            g = load(dy, (r, full + j))
-            sa[j] += g * (load(x, (r, full + j)) - m)
-            sb[j] += g
-        out_xc[r] = tree_total(pa)
-        out_dz[r] = tree_total(pb)
-
-
-@njit(**JIT_SUM)
-def rows_reassoc(dy, x, mean, out_xc, out_dz, zero):
-    rows, length = x.shape
-    for r in range(rows):
-        m = mean[r]
-        s_xc = zero
-        s_dz = zero
-        for i in range(length):
-            g = load(dy, (r, i))
-            s_xc += g * (load(x, (r, i)) - m)
-            s_dz += g
-        out_xc[r] = s_xc
-        out_dz[r] = s_dz
+        if full < length:   # the last partial block: masked lanes add exact zeros
+            tail = np.uint64(r * length + full)   # unsigned: no negative-index wraparound, so a masked load, not a gather
+            for j in range(LANES):
+                inside = full + j < length
+                g = load(dy_flat, tail + np.uint64(j)) if inside else zero
+                d = load(x_flat, tail + np.uint64(j)) - m if inside else zero
+                sa[j] += g * d
+                sb[j] += g
+        sum_dz_xhat[r] = tree_total(pa) * rstd_c[r]
+        sum_dz[r] = tree_total(pb)
