@@ -1,7 +1,7 @@
 """LLVM attributes on the package's Numba functions (function_attributes): 512-bit vectors
-on them and only them (except the float32/float64 elementwise passes), sum functions kept
-out of line so that a kernel sums in the same order whether compiled in this process or
-loaded from the disk cache."""
+on them and only them (except the float32/float64 elementwise passes), the sum functions
+kept out of line; and a kernel's statistics the same whether compiled in this process or
+loaded from the disk cache (the sums' fixed order itself: test_lanes.py)."""
 import os
 import subprocess
 import sys
@@ -103,7 +103,7 @@ def test_the_sum_kernels_are_registered():
     from groupnorm.backends.numba_cpu import backward_kernels, stats_kernels
 
     for fn in (stats_kernels.chunk_moments, stats_kernels.shifted_chunk_moments, stats_kernels.channel_sums_to_groups,
-               backward_kernels.reduce_row, backward_kernels.reduce_rows_none):
+               backward_kernels.dz_sums, backward_kernels.reduce_rows_none):
         assert fa.mangled_prefix(f"{fn.py_func.__module__}.{fn.py_func.__qualname__}") in fa._OUT_OF_LINE
 
 

@@ -4,7 +4,7 @@ one call, for a backward with no all-reduce between them; see launch.backward_fu
 ``backward_grads`` (the same, returning the input gradients themselves).
 
 Modules, one job each: ``bits`` (half <-> float32 bit conversion), ``elements`` (typed
-load/store), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
+load/store), ``lanes`` (sums in a fixed order), ``activations``, ``stats_kernels``, ``coefs``, ``apply_kernels``,
 ``forward_kernels``, ``backward_kernels``, ``entries`` (compiled glue: one call per backward),
 ``threads``, ``numpy_views``, ``alloc`` (with ``output_pool``: reuse of freed outputs) and
 ``launch`` (the torch glue). ``warmup()`` compiles the common signatures and returns the seconds it took.

@@ -25,7 +25,7 @@ from .bits import bits_to_f32
 # The scalar float64 helpers and the block dispatchers state their flags: a Numba function
 # that states none is compiled with the flags of whichever caller compiles it first in a
 # process (``fastmath`` and ``error_model`` are inherited), and that specialisation is then
-# reused, and cached on disk, for every caller (reduce_row's reassoc, say, or none). A cold
+# reused, and cached on disk, for every caller (a caller's fast-math flags, say, or none). A cold
 # pytest-xdist run saw the fused and two-stage backward disagree in the last bits of float64
 # sums with silu and mish; these helpers were the functions on that path stating no flags.
 SCALAR = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})

@@ -26,6 +26,7 @@ from .apply_kernels import STREAM_SPAN, stage_z1, stream_scratch
 from .elements import cast_like, load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
 from .function_attributes import elementwise, out_of_line
+from .lanes import LANES, lanes_of, total
 from .pixel_tasks import activation_scratch, task_pixels, thread_run
 from .streaming import stream_span, store_fence
 
@@ -37,16 +38,42 @@ SUM_BLOCK = 4096        # elements summed in the accumulation dtype before a flo
 ROW_TASK_ELEMS = 16384  # contiguous layout: elements per parallel task (whole rows)
 GROUP_BLOCK_ELEMS = 16384  # contiguous fused backward: a block of small groups per stage (fused_groups_run)
 JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
-# Only the sum loops may reassociate (LLVM vectorises them into partial sums), and they
-# are kept out of line (function_attributes.out_of_line). Reassoc let LLVM regroup terms
-# differently depending on what a kernel was inlined into, so the same kernel wrote other
-# bits (1 ulp here and there) when compiled inside its caller than when loaded from the
-# cache: a result that depended on the process.
-JIT_SUM = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
+# No reassoc: it let LLVM regroup sums differently depending on the module a loop was
+# compiled into, so the same kernel wrote other bits (1 ulp here and there) when compiled
+# inside its caller than when loaded from the cache. Sums run in lanes (lanes.py).
 
 
 @out_of_line
-@njit(**JIT_SUM)
+@njit(**JIT)
+def dz_sums(db, xb, m, buf, zero):
+    """(sum(g * (x - m)), sum(g)) over the elements of db, xb (zero-based views) in lanes,
+    g = dy, or dy * buf[i] (act'(z1), staged by the caller) unless buf is None (a
+    compile-time choice: Numba prunes the branch by the argument's type)."""
+    n = xb.shape[0]
+    s_xc = lanes_of(zero)
+    s_dz = lanes_of(zero)
+    full = n - n % LANES
+    for i in range(0, full, LANES):
+        for j in range(LANES):
+            g = load(db, i + j)
+            if buf is not None:
+                g *= buf[i + j]
+            s_xc[j] += g * (load(xb, i + j) - m)
+            s_dz[j] += g
+    if full < n:   # the partial block: masked lanes add exact zeros (unsigned: no gathers)
+        tail = np.uint64(full)
+        for j in range(LANES):
+            inside = full + j < n
+            g = load(db, tail + np.uint64(j)) if inside else zero
+            if buf is not None:
+                g *= buf[tail + np.uint64(j)] if inside else zero
+            d = load(xb, tail + np.uint64(j)) - m if inside else zero
+            s_xc[j] += g * d
+            s_dz[j] += g
+    return total(s_xc), total(s_dz)
+
+
+@njit(**JIT)
 def reduce_row(dr, xr, m, ar, br, act, zero):
     """(sum(dz1 * (x - mean)), sum(dz1)) over one (n, c) row. A plain callee, not a prange
     body: Numba's parallel lowering keeps LLVM from vectorising loop bodies.
@@ -59,14 +86,7 @@ def reduce_row(dr, xr, m, ar, br, act, zero):
     if act == NONE:
         for lo in range(0, length, SUM_BLOCK):
             count = min(SUM_BLOCK, length - lo)
-            xb = xr[lo:lo + count]
-            db = dr[lo:lo + count]
-            s_xc = zero
-            s_dz = zero
-            for i in range(count):
-                g = load(db, i)
-                s_xc += g * (load(xb, i) - m)
-                s_dz += g
+            s_xc, s_dz = dz_sums(dr[lo:lo + count], xr[lo:lo + count], m, None, zero)
             t_xc += s_xc
             t_dz += s_dz
     else:
@@ -74,26 +94,21 @@ def reduce_row(dr, xr, m, ar, br, act, zero):
         for lo in range(0, length, BLOCK):
             count = min(BLOCK, length - lo)
             xb = xr[lo:lo + count]    # zero-based views vectorise (no wraparound check)
-            db = dr[lo:lo + count]
             for j in range(count):
                 buf[j] = (load(xb, j) - m) * ar + br
             grad_block(buf, count, act)
-            s_xc = zero
-            s_dz = zero
-            for j in range(count):
-                g = load(db, j) * buf[j]
-                s_xc += g * (load(xb, j) - m)
-                s_dz += g
+            s_xc, s_dz = dz_sums(dr[lo:lo + count], xb, m, buf, zero)
             t_xc += s_xc
             t_dz += s_dz
     return t_xc, t_dz
 
 
 @out_of_line
-@njit(**JIT_SUM)
+@njit(**JIT)
 def reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
-    """reduce_row_block without an activation, indexing the 2-D arrays directly: no
-    per-row views (each costs reference-count updates, as much as a short row's work)."""
+    """reduce_row_block without an activation, indexing the arrays directly: no per-row
+    views (each costs reference-count updates, as much as a short row's work). Sums in
+    lanes, as dz_sums."""
     length = x.shape[1]
     if length > SUM_BLOCK:   # long rows: blocked float64 totals (see reduce_row)
         for r in range(lo, hi):
@@ -101,16 +116,28 @@ def reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
             sum_dz_xhat[r] = s_xc * rstd_c[r]
             sum_dz[r] = s_dz
         return
+    full = length - length % LANES
+    dy_flat = dy.reshape(-1)
+    x_flat = x.reshape(-1)
     for r in range(lo, hi):
         m = mean_c[r]
-        s_xc = zero
-        s_dz = zero
-        for i in range(length):
-            g = load(dy, (r, i))
-            s_xc += g * (load(x, (r, i)) - m)
-            s_dz += g
-        sum_dz_xhat[r] = s_xc * rstd_c[r]
-        sum_dz[r] = s_dz
+        s_xc = lanes_of(zero)
+        s_dz = lanes_of(zero)
+        for i in range(0, full, LANES):
+            for j in range(LANES):
+                g = load(dy, (r, i + j))
+                s_xc[j] += g * (load(x, (r, i + j)) - m)
+                s_dz[j] += g
+        if full < length:   # flat unsigned indices: masked loads, not gathers
+            tail = np.uint64(r * length + full)
+            for j in range(LANES):
+                inside = full + j < length
+                g = load(dy_flat, tail + np.uint64(j)) if inside else zero
+                d = load(x_flat, tail + np.uint64(j)) - m if inside else zero
+                s_xc[j] += g * d
+                s_dz[j] += g
+        sum_dz_xhat[r] = total(s_xc) * rstd_c[r]
+        sum_dz[r] = total(s_dz)
 
 
 @njit(**JIT)

@@ -15,17 +15,15 @@ only (other Numba code in the process keeps LLVM's defaults):
   benchmarks/ab_vector_width.py), so they keep LLVM's default; their half-type specialisations (arrays
   of uint16/int16 bits in the signature) get the wide vectors. A CPU without AVX-512
   ignores the attribute: LLVM never vectorises wider than the registers.
-* ``noinline`` on the sum functions registered with ``out_of_line`` (the only ones
-  compiled with ``reassoc``). Reassociation lets LLVM regroup a sum once the function is
-  inlined into a caller (with the caller's constants, trip counts, unrolling), so the same
-  kernel summed in another order when compiled inside a caller than when compiled alone;
-  and a caller loaded from the disk cache links the callee's separately compiled code.
-  Measured: a contiguous forward's mean differed by 1 ulp between two specialisations
-  when one came from the cache (a cold pytest-xdist run failed on it). Kept out of line,
-  a sum function is the same machine code in every caller, fresh or cached
-  (tests/test_function_attributes.py). Registered by name, not by "compiled with
-  reassoc": helpers such as ``elements.load`` are compiled with their caller's flags and
-  must stay inline (a call per element made bfloat16 kernels 10x slower).
+* ``noinline`` on the sum functions registered with ``out_of_line``. Until the fourteenth
+  session they were the only functions compiled with ``reassoc``, and LLVM regrouped a
+  sum once it was inlined into a caller, so the same kernel summed in another order when
+  compiled inside a caller than when its callee came from the disk cache; keeping them
+  out of line was the first, partial, defence (a caller's module still re-optimised its
+  linked copy). Their sums now run in lanes (``lanes.py``), an order no optimisation can
+  change; they stay out of line as they were measured. Registered by name: helpers such
+  as ``elements.load`` must stay inline (a call per element made bfloat16 kernels 10x
+  slower).
 
 The attributes are part of the machine code Numba caches, and the cache stamp
 (cache_stamp) covers this file, so cached kernels always match it.

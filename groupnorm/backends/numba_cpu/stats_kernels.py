@@ -24,16 +24,14 @@ from numba import njit, prange
 
 from .elements import cast_like, load
 from .function_attributes import out_of_line
+from .lanes import LANES, lanes_of, total
 from .pixel_tasks import task_pixels, thread_run
 
 CHUNK = 4096          # elements per partial (16 KiB of float32: stays in L1)
 JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
 # Every callee states its fastmath flags: Numba compiles a callee that states none with its
-# caller's flags, so one helper would round differently under different callers.
-# Only the sum loops reassociate (LLVM vectorises them into partial sums), and they are
-# kept out of line (function_attributes): inlined into a caller, LLVM regrouped them per
-# caller, so a cached and a freshly compiled kernel summed in different orders.
-JIT_SUM = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz"})
+# caller's flags, so one helper would round differently under different callers. No
+# function reassociates: the sums run in lanes (lanes.py), an order written into the code.
 
 
 @njit(**JIT)
@@ -47,36 +45,50 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @out_of_line
-@njit(**JIT_SUM)
+@njit(**JIT)
 def shifted_chunk_moments(row, lo, hi, shift, zero):
     """(mean, m2) of row[lo:hi] in float64 from one pass of sums of d = x - shift, shift
     a nearby mean in the accumulation dtype: the chunk's own (chunk_moments' second pass)
     or the row's first chunk mean (the row's other chunks: one read instead of two). The
     cancellation in sum(d^2) - sum(d)^2 / n grows with (chunk mean - shift)^2, a spread
     the row's own m2 contains (Chan's merge adds it), so it stays small relative to the
-    result; sum(d) also corrects the rounding of shift in the mean."""
+    result; sum(d) also corrects the rounding of shift in the mean. Sums in lanes."""
     v = row[lo:hi]
     n = v.shape[0]
-    s = zero
-    q = zero
-    for i in range(n):
-        d = load(v, i) - shift
-        s += d
-        q += d * d
-    s64 = np.float64(s)
-    return np.float64(shift) + s64 / n, max(np.float64(q) - s64 * s64 / n, 0.0)
+    s = lanes_of(zero)
+    q = lanes_of(zero)
+    full = n - n % LANES
+    for i in range(0, full, LANES):
+        for j in range(LANES):
+            d = load(v, i + j) - shift
+            s[j] += d
+            q[j] += d * d
+    if full < n:   # the partial block: masked lanes add exact zeros (unsigned: no gathers)
+        tail = np.uint64(full)
+        for j in range(LANES):
+            d = load(v, tail + np.uint64(j)) - shift if full + j < n else zero
+            s[j] += d
+            q[j] += d * d
+    s64 = np.float64(total(s))
+    return np.float64(shift) + s64 / n, max(np.float64(total(q)) - s64 * s64 / n, 0.0)
 
 
 @out_of_line
-@njit(**JIT_SUM)
+@njit(**JIT)
 def chunk_moments(row, lo, hi, zero):
     """(mean, m2) of row[lo:hi] in float64, by the corrected shifted two-pass."""
     v = row[lo:hi]        # zero-based loops over a view: no index wraparound, so they vectorise
     n = v.shape[0]
-    s = zero
-    for i in range(n):
-        s += load(v, i)
-    return shifted_chunk_moments(row, lo, hi, s * cast_like(1.0 / n, zero), zero)   # d = x - m~
+    s = lanes_of(zero)
+    full = n - n % LANES
+    for i in range(0, full, LANES):
+        for j in range(LANES):
+            s[j] += load(v, i + j)
+    if full < n:
+        tail = np.uint64(full)
+        for j in range(LANES):
+            s[j] += load(v, tail + np.uint64(j)) if full + j < n else zero
+    return shifted_chunk_moments(row, lo, hi, total(s) * cast_like(1.0 / n, zero), zero)   # d = x - m~
 
 
 @njit(**JIT)
@@ -187,33 +199,53 @@ def shifted_channel_sums(x, n, lo, hi, t, s, q, shift, together):
 
 
 @out_of_line
-@njit(cache=True, error_model="numpy", boundscheck=False, fastmath={"reassoc", "contract", "nsz"})
+@njit(cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "nsz"})
 def channel_sums_to_groups(s, q, shift, rows, groups, part_mean, part_m2):
     """Exact per-group (mean, m2) from per-channel shifted sums, in float64.
 
     Channel c: mean_c = shift_c + s_c / rows, m2_c = q_c - s_c^2 / rows. Channels of a group
     have equal counts, so mean_g = average of mean_c and
     m2_g = sum(m2_c) + rows * sum((mean_c - mean_g)^2).
-    reassoc lets LLVM split the two float64 sums over a group's channels into vector
-    lanes (a fixed order): as one serial add chain they cost as much as a 32-pixel
-    task's element loop at C = 1280.
+    The two sums over a group's channels run in lanes (vectorised, a fixed order): as
+    one serial add chain they cost as much as a 32-pixel task's element loop at C = 1280.
     """
     channels = s.shape[0]
     cpg = channels // groups
     inv = 1.0 / rows
+    full = cpg - cpg % LANES
     for g in range(groups):
-        base = g * cpg   # zero-based inner loops: range(lo, hi) kept them scalar
-        tot = 0.0
-        for j in range(cpg):
-            tot += np.float64(shift[base + j]) + np.float64(s[base + j]) * inv
-        mg = tot / cpg
-        m2 = 0.0
-        for j in range(cpg):
-            sc = np.float64(s[base + j])
-            dm = np.float64(shift[base + j]) + sc * inv - mg
-            m2 += max(np.float64(q[base + j]) - sc * sc * inv, 0.0) + rows * dm * dm
+        base = g * cpg
+        tail = np.uint64(base + full)   # unsigned: masked loads, not gathers
+        tot = lanes_of(0.0)
+        for i in range(0, full, LANES):
+            for j in range(LANES):
+                c = base + i + j
+                tot[j] += np.float64(shift[c]) + np.float64(s[c]) * inv
+        if full < cpg:
+            for j in range(LANES):
+                c = tail + np.uint64(j)
+                tot[j] += np.float64(shift[c]) + np.float64(s[c]) * inv if full + j < cpg else 0.0
+        mg = total(tot) / cpg
+        m2 = lanes_of(0.0)
+        for i in range(0, full, LANES):
+            for j in range(LANES):
+                c = base + i + j
+                m2[j] += channel_m2(s[c], q[c], shift[c], inv, rows, mg)
+        if full < cpg:
+            for j in range(LANES):
+                c = tail + np.uint64(j)
+                m2[j] += channel_m2(s[c], q[c], shift[c], inv, rows, mg) if full + j < cpg else 0.0
         part_mean[g] = mg
-        part_m2[g] = m2
+        part_m2[g] = total(m2)
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "nsz"})
+def channel_m2(s_c, q_c, shift_c, inv, rows, mean_g):
+    """A channel's share of its group's m2: its own m2 plus rows * (mean_c - mean_g)^2."""
+    sc = np.float64(s_c)
+    dm = np.float64(shift_c) + sc * inv - mean_g
+    return max(np.float64(q_c) - sc * sc * inv, 0.0) + rows * dm * dm
+
 
 
 @njit(**JIT_CL)
