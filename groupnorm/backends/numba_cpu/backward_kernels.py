@@ -26,7 +26,7 @@ from .apply_kernels import STREAM_SPAN, stage_z1, stream_scratch
 from .elements import cast_like, load
 from .fast_store import store_out as store   # elements.store's results, cheaper bf16
 from .function_attributes import elementwise, out_of_line
-from .lanes import LANES, lanes_of, total
+from .lanes import LANES, clear, lanes_of, total
 from .pixel_tasks import activation_scratch, task_pixels, thread_run
 from .streaming import stream_span, store_fence
 
@@ -119,10 +119,12 @@ def reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
     full = length - length % LANES
     dy_flat = dy.reshape(-1)
     x_flat = x.reshape(-1)
+    s_xc = lanes_of(zero)
+    s_dz = lanes_of(zero)
     for r in range(lo, hi):
         m = mean_c[r]
-        s_xc = lanes_of(zero)
-        s_dz = lanes_of(zero)
+        clear(s_xc, zero)
+        clear(s_dz, zero)
         for i in range(0, full, LANES):
             for j in range(LANES):
                 g = load(dy, (r, i + j))
