@@ -74,3 +74,24 @@ def test_cpu_backend_follows_environment_and_overrides(monkeypatch):
         leave.set()
         worker.join()
     assert seen == ["groupnorm.reference"]
+
+
+@pytest.mark.parametrize("body,warns", [
+    ("import groupnorm_missing_dependency_for_test", False),                         # a dependency: quiet
+    ("from groupnorm.backends.numba_cpu.lanes import no_such_name", True),           # our own code: warn
+])
+def test_a_backend_that_fails_to_import_falls_back_and_says_so_when_the_fault_is_ours(
+        tmp_path, monkeypatch, body, warns, recwarn):
+    """A backend whose import fails is skipped (None); when the failure is inside
+    groupnorm rather than a missing dependency, a RuntimeWarning names it."""
+    (tmp_path / "groupnorm_probe_backend.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(registry.BACKENDS, "probe", "groupnorm_probe_backend")
+    registry.load.cache_clear()
+    try:
+        assert registry.load("probe") is None
+    finally:
+        registry.load.cache_clear()
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert any("'probe' backend failed to import" in m and "no_such_name" in m for m in messages) is warns
+    assert warns or not messages

@@ -11,6 +11,7 @@ import functools
 import importlib
 import os
 import threading
+import warnings
 from types import ModuleType
 from typing import Dict, Iterator, List
 
@@ -40,14 +41,29 @@ _count_lock = threading.Lock()
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> ModuleType | None:
     """Import a backend by name; None when its dependency (numba, triton) is missing or the
-    module does not provide the whole contract."""
+    module does not provide the whole contract.
+
+    A missing dependency is the expected case and stays quiet; an import error inside
+    this package (a broken install, a bad edit) also falls back, since the reference
+    backend gives the same results, but says so: silently, the only symptom was a
+    GroupNorm tens of times slower."""
     try:
         module = importlib.import_module(BACKENDS[name])
-    except ImportError:
+    except ImportError as error:
         if name == "reference":
             raise
+        if _ours(error):
+            warnings.warn(f"groupnorm: the {name!r} backend failed to import ({error}); tensors it would run "
+                          f"fall back to the next backend (the reference one is slow)", RuntimeWarning,
+                          stacklevel=2)
         return None
     return module if all(callable(getattr(module, f, None)) for f in CONTRACT) else None
+
+
+def _ours(error: ImportError) -> bool:
+    """True when the import failed on this package's own code, not on a dependency:
+    ``error.name`` is the module that could not be imported (or that lacked the name)."""
+    return error.name is None or error.name == "groupnorm" or error.name.startswith("groupnorm.")
 
 
 def _override(device_type: str) -> str | None:

@@ -76,8 +76,9 @@ def _tree_total(typingctx, lanes):
 @njit(inline="always", **JIT)
 def lanes_of(zero):
     """LANES partial sums of zero's type, set to zero, on the caller's stack (inlined, so
-    the memory is the caller's: use them only inside the function that made them; make
-    them once per function, outside its loops, and ``clear`` them for each new sum)."""
+    the memory is the caller's: use them only inside the function that made them). Each
+    call site is one array, made at the function's entry, so a call inside a loop just
+    zeroes it again; ``clear`` does the same for an array made before the loop."""
     lanes = carray(_stack_lanes(zero), LANES)
     _zero_lanes(lanes)
     return lanes
