@@ -123,8 +123,8 @@ def reduce_rows_none(dy, x, lo, hi, mean_c, rstd_c, sum_dz_xhat, sum_dz, zero):
     s_dz = lanes_of(zero)
     for r in range(lo, hi):
         m = mean_c[r]
-        clear(s_xc, zero)
-        clear(s_dz, zero)
+        clear(s_xc)
+        clear(s_dz)
         for i in range(0, full, LANES):
             for j in range(LANES):
                 g = load(dy, (r, i + j))

@@ -51,9 +51,9 @@ def _stack_lanes(typingctx, like):
 
 
 @intrinsic
-def _tree_total(typingctx, lanes):
-    """The LANES values of a lanes array added by halves with strict (never regrouped)
-    vector adds; the array's data pointer is read from its struct."""
+def total(typingctx, lanes):
+    """The sum of a lanes array: its LANES values added by halves with strict (never
+    regrouped) vector adds, the same tree in every caller."""
     if not isinstance(lanes, types.Array) or not isinstance(lanes.dtype, types.Float):
         return None
 
@@ -73,20 +73,9 @@ def _tree_total(typingctx, lanes):
     return lanes.dtype(lanes), codegen
 
 
-@njit(inline="always", **JIT)
-def lanes_of(zero):
-    """LANES partial sums of zero's type, set to zero, on the caller's stack (inlined, so
-    the memory is the caller's: use them only inside the function that made them). Each
-    call site is one array, made at the function's entry, so a call inside a loop just
-    zeroes it again; ``clear`` does the same for an array made before the loop."""
-    lanes = carray(_stack_lanes(zero), LANES)
-    _zero_lanes(lanes)
-    return lanes
-
-
 @intrinsic
-def _zero_lanes(typingctx, lanes):
-    """Store zeros to every lane of a lanes array, as one vector store. (A zeroing loop
+def clear(typingctx, lanes):
+    """Every lane of a lanes array back to zero, as one vector store. (A zeroing loop
     inlined from a helper made the backward row sums 5x slower: LLVM kept the lanes in
     memory around it; a loop written inside each kernel did not, but is easy to forget.)"""
     if not isinstance(lanes, types.Array) or not isinstance(lanes.dtype, types.Float):
@@ -102,12 +91,11 @@ def _zero_lanes(typingctx, lanes):
 
 
 @njit(inline="always", **JIT)
-def clear(lanes, zero):
-    """Every lane back to zero (zero: the lanes' type, as for lanes_of)."""
-    _zero_lanes(lanes)
-
-
-@njit(inline="always", **JIT)
-def total(lanes):
-    """The sum of the lanes, in the fixed tree order."""
-    return _tree_total(lanes)
+def lanes_of(zero):
+    """LANES partial sums of zero's type, set to zero, on the caller's stack (inlined, so
+    the memory is the caller's: use them only inside the function that made them). Each
+    call site is one array, made at the function's entry, so a call inside a loop just
+    zeroes it again; ``clear`` does the same for an array made before the loop."""
+    lanes = carray(_stack_lanes(zero), LANES)
+    clear(lanes)
+    return lanes
