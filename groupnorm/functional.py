@@ -62,6 +62,6 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         from .stats import group_norm_with_stats
 
         return group_norm_with_stats(x, num_groups, weight, bias, eps, act, scale, shift, stats)
-    if eager.usable(x, weight, bias, scale, shift):
+    if eager.usable(x, weight, bias, scale, shift) or eager.transformed(x):
         return eager.group_norm(x, weight, bias, scale, shift, num_groups, float(eps), act)
     return ops.forward(x, weight, bias, scale, shift, num_groups, float(eps), act)[0]
