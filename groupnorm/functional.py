@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import eager, everyday, ops, validation
+from . import eager, everyday, ops, portable, validation
 from .epilogue import activation_name
 
 Tensor = torch.Tensor
@@ -53,6 +53,11 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     if stats is not None and process_group is not None:
         raise ValueError("group_norm(): pass either stats= or process_group=, not both "
                          "(a process group computes the statistics itself)")
+    if portable.exporting():   # ONNX: standard operators, not our kernels
+        if process_group is not None or stats is not None:
+            raise RuntimeError("group_norm(): ONNX export supports the fused activation and scale/shift, "
+                               "not stats= or process_group=")
+        return portable.torch_group_norm(input, num_groups, weight, bias, float(eps), act, scale, shift)
     x = kernel_layout(input)
     if process_group is not None:
         from .distributed import sharded_group_norm

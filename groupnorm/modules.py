@@ -41,6 +41,17 @@ class GroupNorm(torch.nn.GroupNorm):
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                           activation=self.activation, process_group=self.process_group)
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """``torch.jit.script`` compiles this instead: the same parameters and extras on
+        torch's own ops (TorchScript cannot call our kernels' Python launchers)."""
+        if self.process_group is not None:
+            raise RuntimeError("torch.jit.script: a GroupNorm sharded over a process_group cannot be scripted "
+                               "(its statistics need torch.distributed calls from Python); script the model "
+                               "without process_group, or use torch.compile")
+        from .portable import ScriptableGroupNorm
+
+        return ScriptableGroupNorm(self)
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.activation != "none":
