@@ -258,3 +258,13 @@ def batched_call(apply_fn, batch_size: int, in_dims, x, weight, bias, scale, shi
     mean = mean.reshape(unfold + tuple(mean.shape[1:]))
     rstd = rstd.reshape(unfold + tuple(rstd.shape[1:]))
     return (y, mean, rstd), (0, 0, 0)
+
+
+def _vmap_forward_op(info, in_dims, x, weight, bias, scale, shift, num_groups, eps, activation):
+    """The same rule for the ``groupnorm::forward`` custom op (vmap under torch.compile,
+    or code that calls the op directly)."""
+    return batched_call(ops.forward, info.batch_size, in_dims, x, weight, bias, scale, shift,
+                        num_groups, eps, activation)
+
+
+ops.forward.register_vmap(_vmap_forward_op)

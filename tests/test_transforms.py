@@ -203,3 +203,17 @@ def test_numba_and_triton_tangents_agree():
         with cpu_backend(name):
             outs.append(torch.func.jvp(f, (x, w, b, s, h), tangents)[1])
     torch.testing.assert_close(outs[0], outs[1], **TOL)
+
+
+def test_vmap_rule_of_the_custom_op(backend):
+    x, w, b, s, h = _inputs()
+    B = 3
+    xs = torch.stack([x * (i + 1) for i in range(B)])
+    ws = torch.stack([w + i for i in range(B)])
+    op = torch.ops.groupnorm.forward
+    got_y, got_mean, got_rstd = torch.func.vmap(
+        lambda a, ww: op(a, ww, b, s, h, 3, 1e-5, "silu"))(xs, ws)
+    for i in range(B):
+        torch.testing.assert_close(got_y[i], _oracle(xs[i], ws[i], b, s, h, act="silu"), **TOL)
+        ref_mean = xs[i].reshape(2, 3, -1).mean(-1)
+        torch.testing.assert_close(got_mean[i], ref_mean, **TOL)
