@@ -57,6 +57,8 @@ def output(x, num_groups, weight, bias, eps, activation):
         return None
     if not USABLE or type(x) is not Tensor or type(num_groups) is not int or num_groups <= 0:
         return None
+    if type(eps) is not float:   # ints, NumPy scalars, 0-d tensors and wrong types: the general path
+        return None
     if has_torch_function_variadic(x, weight, bias) or not eager.ENABLED:
         return None
     shape = x.shape

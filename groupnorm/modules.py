@@ -28,6 +28,10 @@ class GroupNorm(torch.nn.GroupNorm):
                  device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
                  process_group=None) -> None:
         validation.check_module_args(num_groups, num_channels)
+        if process_group is not None:
+            from .shard_exchange import check_process_group
+
+            check_process_group(process_group)
         if _TORCH_HAS_BIAS_ARG:
             super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         else:
