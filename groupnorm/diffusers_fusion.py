@@ -242,11 +242,13 @@ class FusedResnetBlock2D(ResnetBlock2D):
             if temb is not None:
                 hidden_states = hidden_states + temb
             hidden_states = self.norm2(hidden_states)   # activation fused
-        else:   # "scale_shift" (the adapter fuses no other setting)
+        elif self.time_embedding_norm == "scale_shift":
             if temb is None:
                 raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
             time_scale, time_shift = torch.chunk(temb, 2, dim=1)
             hidden_states = _modulated(self.norm2, hidden_states, time_scale, time_shift)
+        else:   # e.g. the VAE decoder's "group", built without a time embedding
+            hidden_states = self.norm2(hidden_states)   # activation fused
         hidden_states = self.dropout(hidden_states)
         hidden_states = self.conv2(hidden_states)
         if self.conv_shortcut is not None:
@@ -278,14 +280,15 @@ def _modulated(norm: GroupNormScaleShift, x: Tensor, scale: Tensor, shift: Tenso
 
 
 class ResnetBlock2DAdapter:
-    """ResnetBlock2D with time_embedding_norm "default" or "scale_shift"."""
+    """ResnetBlock2D, any time_embedding_norm its constructor accepts ("default",
+    "scale_shift", or another name when built without a time embedding, as the VAE decoder's
+    "group"): the fused forward keeps all three branches of the stock one."""
 
     classes = (ResnetBlock2D,)
 
     def fuse(self, block: nn.Module, fqn: str, ctx: Context) -> List[str]:
         name = activation_of(block.nonlinearity)
         if (name is None or has_hooks(block.nonlinearity)
-                or block.time_embedding_norm not in ("default", "scale_shift")
                 or not all(plain_norm(n) and ctx.norm_ok(n, _join(fqn, a))
                            for n, a in ((block.norm1, "norm1"), (block.norm2, "norm2")))):
             return []

@@ -67,8 +67,10 @@ class AdaGroupNorm(GroupNormScaleShift):
 
 def _refuse_diffusers_args(args, kwargs) -> None:
     # Ours: (num_groups, num_channels, eps: float, affine: bool, ...). An int third argument
-    # or a string fourth is diffusers' (..., num_groups: int, act_fn: str).
+    # or a string fourth is diffusers' (..., num_groups: int, act_fn: str); so is num_groups
+    # by keyword after positional arguments (diffusers' third parameter).
     diffusers_style = (any(k in kwargs for k in _DIFFUSERS_ARGS)
+                       or ("num_groups" in kwargs and len(args) > 0)
                        or (len(args) > 2 and isinstance(args[2], int) and not isinstance(args[2], bool))
                        or (len(args) > 3 and isinstance(args[3], str)))
     if diffusers_style:
