@@ -40,11 +40,11 @@ def _norm(channels=8, groups=4):
 class Captured:
     """A torch.compile backend that runs the pass on Dynamo's graph and keeps the result."""
 
-    def __init__(self):
-        self.graphs, self.fused = [], 0
+    def __init__(self, small_cpu_elements=0):
+        self.graphs, self.fused, self.small = [], 0, small_cpu_elements
 
     def __call__(self, gm, example_inputs):
-        self.fused += compile_fusion.fuse_graph(gm.graph)
+        self.fused += compile_fusion.fuse_graph(gm.graph, small_cpu_elements=self.small)
         gm.graph.lint()
         gm.recompile()
         self.graphs.append(gm.graph)
@@ -124,6 +124,33 @@ def test_unrecognised_patterns_are_left_alone_and_correct(why):
     torch.testing.assert_close(y, f(x, emb), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused_before", [False, True])
+def test_small_cpu_inputs_go_to_inductors_group_norm(fused_before):
+    # Below the size limit the chain (or an op already fused by convert) becomes F.group_norm
+    # -> modulation -> activation, which Inductor fuses into one loop.
+    torch._dynamo.reset()
+    norm = _norm()
+    if fused_before:
+        def f(x, emb):
+            scale, shift = emb.chunk(2, dim=1)
+            return groupnorm.group_norm(x, 4, norm.weight, norm.bias, 1e-5, activation="gelu_tanh",
+                                        scale=scale, shift=shift)
+    else:
+        f = _modulated(norm, ACTIVATIONS["gelu_tanh"], "1+s")
+    backend = Captured(small_cpu_elements=2 * 8 * 5 * 5 + 1)
+    x, emb = _randn((2, 8, 5, 5), 9).requires_grad_(), _randn((2, 16), 10).requires_grad_()
+    y = torch.compile(f, backend=backend, fullgraph=True)(x, emb)
+    assert backend.fused == 1 and backend.calls() == []
+    assert [n.target for g in backend.graphs for n in g.nodes if n.target in (F.group_norm, F.gelu)] \
+        == [F.group_norm, F.gelu]
+    expected = f(x, emb)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    dy = _randn(y.shape, 11)
+    for ours, theirs in zip(torch.autograd.grad(y, [x, emb, norm.weight], dy),
+                            torch.autograd.grad(expected, [x, emb, norm.weight], dy)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 class Block(nn.Module):
     """UNet-like: conv -> norm -> SiLU, conv -> norm -> time scale/shift -> SiLU, residual."""
 
@@ -143,8 +170,9 @@ class Block(nn.Module):
         return x + self.conv2(h)
 
 
-def test_inductor_runs_the_pass_and_matches_eager():
+def test_inductor_runs_the_pass_and_matches_eager(monkeypatch):
     # End to end through Inductor (C++ codegen: the slow case, so one model, train mode).
+    monkeypatch.setattr(compile_fusion, "SMALL_CPU_ELEMENTS", 0)   # keep our op at this size
     torch._dynamo.reset()
     torch.manual_seed(0)
     ref = Block()
