@@ -50,6 +50,22 @@ def _unet(time_scale_shift):
         resnet_time_scale_shift=time_scale_shift)
 
 
+def _unet_cond():
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def _model(kind):
+    if kind == "vae":
+        return _vae()
+    if kind == "unet-cond":
+        return _unet_cond()
+    return _unet(kind.split("-")[1])
+
+
 def _vae():
     return diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=16, layers_per_block=1,
@@ -60,7 +76,8 @@ def _vae():
 def _expected_fused(model):
     """Counted from the stock model's classes, independently of the adapters."""
     blocks = [m for m in model.modules() if type(m) is ResnetBlock2D]
-    ends = [m for m in model.modules() if type(m) in (Encoder, Decoder, diffusers.UNet2DModel)]
+    ends = [m for m in model.modules()
+            if type(m) in (Encoder, Decoder, diffusers.UNet2DModel, diffusers.UNet2DConditionModel)]
     return 2 * len(blocks) + len(ends)
 
 
@@ -75,7 +92,14 @@ def _count_activation_calls(model):
 def _run(model, x, kind):
     if kind == "vae":
         return model(x, return_dict=False)[0]
+    if kind == "unet-cond":
+        return model(x, torch.tensor([3, 511]), encoder_hidden_states=_randn((x.shape[0], 5, 16), 30),
+                     return_dict=False)[0]
     return model(x, torch.tensor([3, 511]), return_dict=False)[0]
+
+
+def _input(kind, seed):
+    return _randn((2, 4, 8, 8) if kind == "unet-cond" else (2, 3, 16, 16), seed)
 
 
 def _assert_grads_close(model, ref, x_grads):
@@ -91,10 +115,10 @@ def _assert_grads_close(model, ref, x_grads):
     torch.testing.assert_close(x_grads[1], x_grads[0], rtol=1e-4, atol=1e-5 * x_grads[0].abs().max())
 
 
-@pytest.mark.parametrize("kind", ["unet-default", "unet-scale_shift", "vae"])
+@pytest.mark.parametrize("kind", ["unet-default", "unet-scale_shift", "vae", "unet-cond"])
 def test_models_fuse_every_recognised_pair_and_match_stock(kind):
     torch.manual_seed(0)
-    ref = _randomize(_vae() if kind == "vae" else _unet(kind.split("-")[1]), only_norms=True)
+    ref = _randomize(_model(kind), only_norms=True)
     model, report = convert(copy.deepcopy(ref), fuse=True, report=True)
     n_norms = sum(type(m) is nn.GroupNorm for m in ref.modules())
     assert len(report.fused) == _expected_fused(ref) > 0
@@ -104,10 +128,10 @@ def test_models_fuse_every_recognised_pair_and_match_stock(kind):
         assert model.get_submodule(fqn).activation == "silu"
     # The activation modules still run on time embeddings, never on a fused norm's output.
     ref_calls, calls = _count_activation_calls(ref), _count_activation_calls(model)
-    x = _randn((2, 3, 16, 16), 1)
+    x = _input(kind, 1)
     xs, outs = [x.clone().requires_grad_(), x.clone().requires_grad_()], []
     for m, xi in zip((ref, model), xs):
-        y = _run(m, xi, kind.split("-")[0])
+        y = _run(m, xi, kind)
         (y * _randn(y.shape, 2)).sum().backward()
         outs.append(y.detach())
     assert len(ref_calls) - len(calls) == len(report.fused)   # one activation call less per fused norm
@@ -115,10 +139,10 @@ def test_models_fuse_every_recognised_pair_and_match_stock(kind):
     _assert_grads_close(model, ref, [xi.grad for xi in xs])
 
 
-@pytest.mark.parametrize("kind", ["unet-scale_shift", "vae"])
+@pytest.mark.parametrize("kind", ["unet-scale_shift", "vae", "unet-cond"])
 def test_revert_gives_back_the_stock_model_bitwise(kind):
     torch.manual_seed(0)
-    ref = _randomize(_vae() if kind == "vae" else _unet(kind.split("-")[1]), only_norms=True)
+    ref = _randomize(_model(kind), only_norms=True)
     model = copy.deepcopy(ref)
     params = dict(model.named_parameters())
     out = revert(convert(model, fuse=True))
@@ -128,9 +152,9 @@ def test_revert_gives_back_the_stock_model_bitwise(kind):
     assert all(p is params[n] for n, p in model.named_parameters())
     sd, ref_sd = model.state_dict(), ref.state_dict()
     assert list(sd) == list(ref_sd) and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
-    x = _randn((2, 3, 16, 16), 3)
+    x = _input(kind, 3)
     with torch.no_grad():
-        assert torch.equal(_run(model, x, kind.split("-")[0]), _run(ref, x, kind.split("-")[0]))
+        assert torch.equal(_run(model, x, kind), _run(ref, x, kind))
 
 
 # --- ResnetBlock2D: every configuration the adapter accepts, exactly -----------------------
