@@ -32,6 +32,8 @@ so compiled graphs stay cacheable); other backends than Inductor do not run it.
 from __future__ import annotations
 
 import operator
+import os
+import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -277,8 +279,25 @@ def options() -> dict:
     return {"pre_grad_custom_pass": fusion_pass()}
 
 
+_CHOICE: List[bool] = []   # the user's last enable()/disable(), if any
+
+
+def auto_enable() -> None:
+    """``enable()`` unless the user chose otherwise (``disable()``, or the environment variable
+    ``GROUPNORM_COMPILE_FUSION=0``), and only once Inductor's config is imported (as
+    ``torch.compile(..., backend="inductor")`` does before tracing): cheap enough to call
+    from the op's fake implementation, which runs while Dynamo traces."""
+    if _CHOICE or "torch._inductor.config" not in sys.modules:
+        return
+    if os.environ.get("GROUPNORM_COMPILE_FUSION", "1") == "0":
+        _CHOICE.append(False)
+        return
+    enable()
+
+
 def enable() -> None:
     """Run the pass in every later Inductor compile (kept beside other custom pre-grad passes)."""
+    _CHOICE[:] = [True]
     from torch._inductor import config
     from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
@@ -288,7 +307,8 @@ def enable() -> None:
 
 
 def disable() -> None:
-    """Undo ``enable``."""
+    """Undo ``enable``; ``auto_enable`` then leaves the pass off."""
+    _CHOICE[:] = [False]
     from torch._inductor import config
     from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
@@ -296,4 +316,4 @@ def disable() -> None:
     config.pre_grad_custom_pass = None if not passes else passes[0] if len(passes) == 1 else passes
 
 
-__all__ = ["fuse_graph", "fusion_pass", "options", "enable", "disable"]
+__all__ = ["fuse_graph", "fusion_pass", "options", "enable", "disable", "auto_enable"]

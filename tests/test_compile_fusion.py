@@ -205,8 +205,10 @@ def test_inductor_runs_the_pass_and_matches_eager(monkeypatch):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max())
 
 
-def test_enable_and_disable_keep_other_passes():
+def test_enable_and_disable_keep_other_passes(monkeypatch):
     from torch._inductor import config
+
+    monkeypatch.setattr(compile_fusion, "_CHOICE", [])
 
     def other(graph):
         return None
@@ -222,4 +224,21 @@ def test_enable_and_disable_keep_other_passes():
         assert config.pre_grad_custom_pass is compile_fusion.fusion_pass()
         assert compile_fusion.options() == {"pre_grad_custom_pass": compile_fusion.fusion_pass()}
         compile_fusion.disable()
+        assert config.pre_grad_custom_pass is None
+
+
+def test_auto_enable_respects_the_users_choice(monkeypatch):
+    from torch._inductor import config
+
+    with config.patch(pre_grad_custom_pass=None):
+        monkeypatch.setattr(compile_fusion, "_CHOICE", [])
+        monkeypatch.setenv("GROUPNORM_COMPILE_FUSION", "0")
+        compile_fusion.auto_enable()
+        assert config.pre_grad_custom_pass is None
+        monkeypatch.setattr(compile_fusion, "_CHOICE", [])
+        monkeypatch.delenv("GROUPNORM_COMPILE_FUSION")
+        compile_fusion.auto_enable()
+        assert config.pre_grad_custom_pass is compile_fusion.fusion_pass()
+        compile_fusion.disable()
+        compile_fusion.auto_enable()
         assert config.pre_grad_custom_pass is None
