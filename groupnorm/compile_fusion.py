@@ -21,10 +21,12 @@ Inductor to fuse. Measured on 2026-12-07 (docs/fusion.md): at 131k-262k elements
 loop is 1.2-1.4x faster than our op, at 655k ours is as fast (forward) or 1.26x faster
 (forward+backward). CUDA inputs always keep our op.
 
-Opt-in (importing Inductor's config costs seconds, too much for ``import groupnorm``)::
+On by default: the first time torch.compile traces our op (its fake implementation runs),
+``auto_enable`` registers the pass, provided Inductor's config is loaded (importing it costs
+seconds, too much for ``import groupnorm``). Off with ``groupnorm.compile_fusion.disable()``
+or ``GROUPNORM_COMPILE_FUSION=0``; explicitly on for one compile::
 
-    groupnorm.compile_fusion.enable()                   # every later torch.compile
-    torch.compile(model, options=groupnorm.compile_fusion.options())   # one compile
+    torch.compile(model, options=groupnorm.compile_fusion.options())
 
 It is registered as Inductor's ``pre_grad_custom_pass`` (a ``CustomGraphPass`` with a uuid,
 so compiled graphs stay cacheable); other backends than Inductor do not run it.

@@ -87,8 +87,22 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: 
 
 @forward.register_fake
 def _(x, weight, bias, scale, shift, num_groups, eps, activation):
+    _fusion_pass_on_by_default()
     stats = x.new_empty(_stats_shape(x, num_groups), dtype=_stats_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _fusion_pass_on_by_default() -> None:
+    """torch.compile traces this op with its fake implementation: that is the moment to
+    switch on the fusion pass (``compile_fusion.auto_enable``), which needs Inductor's
+    config, too slow to import with ``groupnorm``. ``compile_fusion.disable()`` or
+    ``GROUPNORM_COMPILE_FUSION=0`` keep it off."""
+    try:
+        from . import compile_fusion
+
+        compile_fusion.auto_enable()
+    except (ImportError, AttributeError):   # an Inductor without custom pre-grad passes
+        pass
 
 
 @torch.library.custom_op(f"{LIB}::stats", mutates_args=())

@@ -242,3 +242,37 @@ def test_auto_enable_respects_the_users_choice(monkeypatch):
         compile_fusion.disable()
         compile_fusion.auto_enable()
         assert config.pre_grad_custom_pass is None
+
+
+def test_pass_is_on_by_default_once_compile_traces_our_op(monkeypatch):
+    """No enable() call: tracing groupnorm::forward (its fake implementation) switches the
+    pass on, and the compiled norm -> SiLU is one fused op call."""
+    from torch._inductor import config
+
+    with config.patch(pre_grad_custom_pass=None):
+        monkeypatch.setattr(compile_fusion, "_CHOICE", [])
+        monkeypatch.delenv("GROUPNORM_COMPILE_FUSION", raising=False)
+        monkeypatch.setattr(compile_fusion, "SMALL_CPU_ELEMENTS", 0)
+        torch._dynamo.reset()
+        seen = []
+        real = compile_fusion.fuse_graph
+
+        def spy(graph, *a, **k):
+            out = real(graph, *a, **k)
+            seen.append([n.args[_ACT_INDEX] for n in graph.nodes if n.target is _FORWARD_OP])
+            return out
+
+        monkeypatch.setattr(compile_fusion, "fuse_graph", spy)
+        model = torch.nn.Sequential(groupnorm.GroupNorm(4, 8), torch.nn.SiLU())
+        x = _randn((2, 8, 4, 4), 21)
+        y = torch.compile(model)(x)
+        assert config.pre_grad_custom_pass is compile_fusion.fusion_pass()
+        assert seen and seen[-1] == ["silu"]
+        torch.testing.assert_close(y, F.silu(F.group_norm(x, 4, model[0].weight, model[0].bias)),
+                                   rtol=1e-5, atol=1e-5)
+        compile_fusion.disable()
+        torch._dynamo.reset()
+
+
+_FORWARD_OP = torch.ops.groupnorm.forward.default
+_ACT_INDEX = 7

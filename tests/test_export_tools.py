@@ -28,7 +28,7 @@ def _modules():
     """(name, our module, torch-ops function of (x, scale, shift), takes scale/shift)."""
     plain = _affine(groupnorm.GroupNorm(4, 8))
     act = _affine(groupnorm.GroupNormAct(4, 8, activation="gelu_tanh"))
-    ada = groupnorm.AdaGroupNorm(4, 8, activation="silu")
+    ada = groupnorm.GroupNormScaleShift(4, 8, activation="silu")
     return [
         ("plain", plain, lambda x, s, h: F.group_norm(x, 4, plain.weight, plain.bias), False),
         ("act", act, lambda x, s, h: F.gelu(F.group_norm(x, 4, act.weight, act.bias), approximate="tanh"), False),
@@ -99,7 +99,7 @@ def _export(module, args, dynamo):
 
 
 class _WithExtras(torch.nn.Module):
-    """AdaGroupNorm's forward takes scale/shift: wrap it so exporters see three inputs."""
+    """GroupNormScaleShift's forward takes scale/shift: wrap it so exporters see three inputs."""
 
     def __init__(self, inner):
         super().__init__()
