@@ -49,6 +49,11 @@ def _set_path(monkeypatch, path):
     if path == "fused":  # one program per group, group in registers (defaults)
         return
     monkeypatch.setattr(plan, "FUSED_MAX_GROUP", 0)
+    if path == "group":  # one program per group, looping over it twice in small steps
+        monkeypatch.setattr(plan, "GROUP_BLOCK", 16)
+        monkeypatch.setattr(plan, "BACKWARD_TILE", 16)
+        return
+    monkeypatch.setattr(plan, "GROUP_MAX_GROUP", 0)
     monkeypatch.setattr(plan, "LOOP_BLOCK", 32)
     monkeypatch.setattr(plan, "REDUCE_TILE", 32)
     if path == "split":  # one program per group, looping over blocks
@@ -58,7 +63,7 @@ def _set_path(monkeypatch, path):
         monkeypatch.setattr(plan, "CPU_NUM_SMS", 64)
 
 
-PATHS = ["fused", "split", "split_stats"]
+PATHS = ["fused", "group", "split", "split_stats"]
 
 
 def _layout(x, channels_last):
@@ -204,8 +209,8 @@ def test_epilogue(monkeypatch, activation, path):
 def test_flag_combinations(monkeypatch, path):
     """Each of HAS_WEIGHT / HAS_BIAS / HAS_SCALE / HAS_SHIFT on its own, and none."""
     _set_path(monkeypatch, path)
-    x, w, b, sc, sh, dy = _inputs((2, 6, 5, 7), 3, torch.float32, path == "split")
-    act = {"fused": "gelu_tanh", "split": "mish", "split_stats": "relu"}[path]
+    x, w, b, sc, sh, dy = _inputs((2, 6, 5, 7), 3, torch.float32, path in ("split", "group"))
+    act = {"fused": "gelu_tanh", "group": "silu", "split": "mish", "split_stats": "relu"}[path]
     for keep in ("w", "b", "sc", "sh", ""):
         args = [t if name == keep else None for t, name in zip((w, b, sc, sh), ("w", "b", "sc", "sh"))]
         _check_contract(x, *args, dy, 3, act if keep else "none")

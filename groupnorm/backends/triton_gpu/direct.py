@@ -1,0 +1,164 @@
+"""Launch a Triton kernel through its compiled handle: microseconds, not tens of them.
+
+``kernel[grid](...)`` runs ``JITFunction.run`` on every call: argument binding,
+specialisation, a string cache key, launch metadata. On the H100 host that cost 30-40 us
+per launch (BENCHMARKS.md, 2026-11-26), more than the GPU time of a UNet-sized GroupNorm.
+Here each kernel is compiled once per specialisation by an ordinary ``kernel[grid]`` call,
+whose returned ``CompiledKernel`` is kept under a key of every fact Triton specialises on;
+later calls with the same facts call the compiled launcher directly on the current stream,
+with pointers passed as integers (the launcher then skips ``data_ptr()`` and its pointer
+check) and no launch hooks.
+
+What the key must hold once ``JITFunction.run`` is bypassed (a missed fact launches a
+kernel compiled for other facts: wrong results, not an error): for each pointer its
+dtype and whether it is 16-byte aligned; for each integer whether it is 1 (compiled in
+as a constant), whether it is divisible by 16 and whether it fits int32 / int64; floats
+are not specialised; every constexpr value; the launch options (num_warps); the device.
+``specialisation`` builds it in plain Python; tests check it against Triton's own
+``native_specialize_impl`` on CPU tensors.
+
+Supported Triton: 3.6 to 3.9 (``SUPPORTED``), whose ``JITFunction.run`` and CUDA launcher
+were read for this: ``CompiledKernel.run(grid_x, grid_y, grid_z, stream, function,
+packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``, every argument
+(constexprs included) positional, None metadata and hooks skipped. Other versions, the
+interpreter (``TRITON_INTERPRET=1``), CPU tensors and an active launch hook (a profiler)
+take ``kernel[grid]``: slower, same results.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Sequence, Tuple
+
+import torch
+import triton
+
+SUPPORTED = ((3, 6), (3, 10))   # [low, high) of (major, minor)
+
+_I32 = (-(2 ** 31), 2 ** 31)
+_I64 = (-(2 ** 63), 2 ** 63)
+_Tensor = torch.Tensor
+
+
+def _version(text: str) -> Tuple[int, int]:
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def version_supported(text: str = triton.__version__) -> bool:
+    """True for a Triton whose compiled-kernel launch this module was written against."""
+    low, high = SUPPORTED
+    return low <= _version(text) < high
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def int_fact(value: int):
+    """What Triton's specialisation makes of an int argument: 1 is compiled in as a
+    constant; others by type (int32, int64, uint64) and divisibility by 16."""
+    if value == 1:
+        return 1
+    kind = 0 if _I32[0] <= value < _I32[1] else (1 if _I64[0] <= value < _I64[1] else 2)
+    return (kind, value % 16 == 0)
+
+
+def specialisation(args: Sequence[Any]) -> Tuple:
+    """The facts of the runtime arguments Triton compiles for (see the module docstring).
+
+    Tensors: (dtype, data_ptr % 16 == 0); ints: ``int_fact``; floats: their type only (a
+    float is never specialised, but an int in its place would be); None: None."""
+    facts = []
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            facts.append(int_fact(a))
+        elif kind is float:
+            facts.append(float)
+        elif a is None:
+            facts.append(None)
+        elif isinstance(a, _Tensor):
+            facts.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif kind is bool:
+            facts.append(bool)
+        else:
+            raise TypeError(f"direct launch: unsupported argument type {kind.__name__}")
+    return tuple(facts)
+
+
+class Launcher:
+    """One Triton kernel whose constexpr parameters all follow its runtime ones.
+
+    ``launcher(grid, args, constexprs, num_warps)``: ``args`` the runtime arguments in
+    signature order, ``constexprs`` the constexpr values in signature order."""
+
+    def __init__(self, kernel, constexpr_names: Sequence[str]):
+        self.kernel = kernel
+        self.names = tuple(constexpr_names)
+        params = list(getattr(kernel, "arg_names", ()))
+        if params and tuple(params[len(params) - len(self.names):]) != self.names:
+            raise ValueError(f"{kernel}: constexprs {self.names} must be its last parameters")
+        self.compiled: Dict[Tuple, Tuple] = {}
+        # Counters the tests read (launches through each path, compilations seen).
+        self.direct_launches = 0
+        self.fallback_launches = 0
+
+    def key(self, args: Sequence[Any], constexprs: Tuple, num_warps: int, device: int) -> Tuple:
+        return (constexprs, num_warps, device, specialisation(args))
+
+    def fallback(self, grid, args, constexprs: Tuple, num_warps: int):
+        """``kernel[grid]``: compiles on a miss, returns the CompiledKernel (None in the
+        interpreter)."""
+        self.fallback_launches += 1
+        return self.kernel[grid](*args, **dict(zip(self.names, constexprs)), num_warps=num_warps)
+
+    def __call__(self, grid, args, constexprs: Tuple, num_warps: int, device: int = -1):
+        if device < 0 or not DIRECT or device != _current_device():
+            self.fallback(grid, args, constexprs, num_warps)
+            return
+        enter, leave = _hooks()
+        if enter or leave:   # a profiler listens: let Triton call it
+            self.fallback(grid, args, constexprs, num_warps)
+            return
+        key = self.key(args, constexprs, num_warps, device)
+        entry = self.compiled.get(key)
+        if entry is None:
+            compiled = self.fallback(grid, args, constexprs, num_warps)
+            if compiled is not None and hasattr(compiled, "run") and hasattr(compiled, "packed_metadata"):
+                run = compiled.run     # initialises the handles (already done by the launch above)
+                self.compiled[key] = (run, compiled.function, compiled.packed_metadata)
+            return
+        run, function, metadata = entry
+        gx = grid[0]
+        gy = grid[1] if len(grid) > 1 else 1
+        gz = grid[2] if len(grid) > 2 else 1
+        launch_args = [a.data_ptr() if isinstance(a, _Tensor) else a for a in args]
+        self.direct_launches += 1
+        run(gx, gy, gz, _raw_stream(device), function, metadata, None, None, None, *launch_args, *constexprs)
+
+
+def _hooks():
+    """The launch hooks Triton would call (a HookChain is truthy only when it has calls)."""
+    runtime = _RUNTIME
+    if runtime is None:
+        return None, None
+    enter = runtime.launch_enter_hook
+    leave = runtime.launch_exit_hook
+    return (getattr(enter, "calls", enter), getattr(leave, "calls", leave))
+
+
+try:  # knobs.runtime exists from Triton 3.4 on
+    from triton import knobs as _knobs
+    _RUNTIME = _knobs.runtime
+except ImportError:  # pragma: no cover - older Triton takes the fallback anyway
+    _RUNTIME = None
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+# Triton compiles and loads for the current device: x elsewhere takes kernel[grid].
+_current_device = getattr(torch._C, "_cuda_getDevice", lambda: -1)
+
+# The direct launch is on for a supported Triton outside the interpreter; tests flip it.
+DIRECT = version_supported() and not _interpreting() and _raw_stream is not None and _RUNTIME is not None
