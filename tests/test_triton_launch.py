@@ -301,3 +301,48 @@ def test_direct_equals_fallback_on_cuda(monkeypatch, path):
     for _ in range(2):
         yu, _, _ = tg.forward(xu, w, b, None, None, 8, 1e-5, "silu")
         assert torch.equal(yu, first[0])
+
+
+# --- the everyday eager call on the Triton backend ------------------------------------
+
+def _triton_everyday():
+    from groupnorm.backends import registry
+
+    return registry.use_backend("triton", DEVICE)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_everyday_call_runs_the_triton_entries(monkeypatch, channels_last):
+    """The lean call (groupnorm.everyday) on the Triton backend: forward one launch, no
+    statistics tensors; with gradients one forward launch, then at most two; torch's
+    results."""
+    from groupnorm import everyday
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(plan, "FUSED_MAX_GROUP", 0)
+    monkeypatch.setattr(plan, "GROUP_BLOCK", 16)
+    monkeypatch.setattr(plan, "BACKWARD_TILE", 16)
+    x, dy, w, b = _inputs((2, 8, 5, 6), 4, torch.float64, channels_last=channels_last, seed=11)
+    if DEVICE == "cpu":
+        ctx = _triton_everyday()
+    else:
+        import contextlib
+        ctx = contextlib.nullcontext()
+    with ctx:
+        n, y = _count(lambda: everyday.output(x, 4, w, b, 1e-5, "silu"))
+        assert n == 1 and y is not None and y.stride() == x.stride()
+        assert torch.equal(y, tg.forward(x, w, b, None, None, 4, 1e-5, "silu")[0])
+        xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        n, yg = _count(lambda: everyday.output(xg, 4, wg, bg, 1e-5, "silu"))
+        assert n == 1 and type(yg.grad_fn).__name__ == "KnownFunctionBackward"
+        assert torch.equal(yg.detach(), y)
+        n, grads = _count(lambda: torch.autograd.grad(yg, (xg, wg, bg), dy))
+        assert n == 2
+        xo = x.detach().clone().requires_grad_()
+        n, yo = _count(lambda: everyday.output(xo, 4, w, b, 1e-5, "silu"))
+        n, (gx,) = _count(lambda: torch.autograd.grad(yo, (xo,), dy))
+        assert n == 1 and torch.equal(gx, grads[0])
+    xr, wr, br = (t.detach().cpu().clone().requires_grad_() for t in (x, w, b))
+    F.silu(F.group_norm(xr, 4, wr, br, 1e-5)).backward(dy.cpu())
+    for ours, ref in zip(grads, (xr.grad, wr.grad, br.grad)):
+        torch.testing.assert_close(ours.cpu(), ref, rtol=1e-9, atol=1e-9)

@@ -24,7 +24,8 @@ Tensor = torch.Tensor
 
 _FLAGS = ("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT")
 # One launcher per kernel; the names are its constexpr parameters, in signature order.
-FUSED = Launcher(fused_forward_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK"))
+FUSED = Launcher(fused_forward_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK",
+                                        "WRITE_STATS"))
 GROUP_FORWARD = Launcher(group_forward_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK",
                                                 "WRITE_STATS"))
 STATS_PARTIAL = Launcher(stats_partial_kernel, ("CPG", "CHANNELS_LAST", "ACC", "BLOCK"))
@@ -200,8 +201,8 @@ def forward_plan(lay: Layout) -> plan.ForwardPlan:
 
 
 def _forward(x, lay: Layout, weight, bias, scale, shift, eps: float, activation: str, mean, rstd) -> Tensor:
-    """y, the statistics written into mean and rstd ((N, G) in ACC; None: not wanted, on
-    the paths that can skip them), by the forward plan's path."""
+    """y, the statistics written into mean and rstd ((N, G) in ACC; None: not wanted, and
+    written nowhere on the one-launch paths), by the forward plan's path."""
     p = forward_plan(lay)
     if p.path == "split":
         # Two launches: partial statistics, then apply (which merges them and writes mean/rstd).
@@ -213,20 +214,11 @@ def _forward(x, lay: Layout, weight, bias, scale, shift, eps: float, activation:
         return _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation, eps, parts, p.split)
     y = empty_like(x)
     ptrs, flags = _params(x, weight, bias, scale, shift)
-    common = (lay.cpg, lay.channels_last, *flags, ACTIVATION_CODES[activation], _acc_tl(x.dtype), p.block)
-    if p.path == "group":
-        write = mean is not None
-        GROUP_FORWARD(p.grid, (
-            x, y, *ptrs, mean if write else x, rstd if write else x,
-            lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, float(eps)),
-            (*common, write), p.num_warps, lay.device)
-        return y
-    if mean is None:
-        acc = acc_dtype(x.dtype)
-        mean = _scratch((lay.n, lay.g), acc, x.device)
-        rstd = _scratch((lay.n, lay.g), acc, x.device)
-    FUSED(p.grid, (
-        x, y, *ptrs, mean, rstd,
+    common = (lay.cpg, lay.channels_last, *flags, ACTIVATION_CODES[activation], _acc_tl(x.dtype), p.block,
+              mean is not None)
+    kernel = GROUP_FORWARD if p.path == "group" else FUSED
+    kernel(p.grid, (
+        x, y, *ptrs, x if mean is None else mean, x if rstd is None else rstd,
         lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, float(eps)),
         common, p.num_warps, lay.device)
     return y
