@@ -26,8 +26,10 @@ take ``kernel[grid]``: slower, same results.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, Sequence, Tuple
+import threading
+from typing import Any, Dict, Iterator, Sequence, Tuple
 
 import torch
 import triton
@@ -116,6 +118,11 @@ class Launcher:
         return self.kernel[grid](*args, **dict(zip(self.names, constexprs)), num_warps=num_warps)
 
     def __call__(self, grid, args, constexprs: Tuple, num_warps: int, device: int = -1):
+        if _TRACE.on:   # torch.compile traces the launch (see groupnorm.triton_registration)
+            from torch.library import wrap_triton
+
+            wrap_triton(self.kernel)[tuple(grid)](*args, **dict(zip(self.names, constexprs)), num_warps=num_warps)
+            return
         if device < 0 or not DIRECT or device != _current_device():
             self.fallback(grid, args, constexprs, num_warps)
             return
@@ -138,6 +145,26 @@ class Launcher:
         launch_args = [a.data_ptr() if isinstance(a, _Tensor) else a for a in args]
         self.direct_launches += 1
         run(gx, gy, gz, _raw_stream(device), function, metadata, None, None, None, *launch_args, *constexprs)
+
+
+class _Trace(threading.local):
+    on = False
+
+
+_TRACE = _Trace()
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[None]:
+    """Inside the block (this thread), every launcher records its launch for torch.compile
+    through ``torch.library.wrap_triton`` instead of launching: Inductor then launches the
+    kernel with its own launcher, and CUDA graphs can capture it."""
+    previous = _TRACE.on
+    _TRACE.on = True
+    try:
+        yield
+    finally:
+        _TRACE.on = previous
 
 
 def _hooks():

@@ -80,7 +80,7 @@ class Layout:
 
     def __init__(self, x: Tensor, num_groups: int):
         shape = x.shape
-        numel = x.numel()
+        numel = int(x.numel())   # int(): plans need plain ints (torch.compile traces SymInts)
         if x.is_contiguous():
             channels_last = False
         else:
@@ -89,7 +89,7 @@ class Layout:
                              else x.movedim(1, -1).is_contiguous())
             if not channels_last:
                 raise ValueError("triton groupnorm expects a contiguous or channels-last x")
-        self._set(shape[0], shape[1], numel, num_groups, channels_last, x.get_device())
+        self._set(int(shape[0]), int(shape[1]), numel, num_groups, channels_last, x.get_device())
 
     @classmethod
     def known(cls, shape, numel: int, channels_last: bool, num_groups: int, device: int) -> "Layout":
