@@ -68,27 +68,38 @@ def int_fact(value: int):
     return (kind, value % 16 == 0)
 
 
-def specialisation(args: Sequence[Any]) -> Tuple:
-    """The facts of the runtime arguments Triton compiles for (see the module docstring).
+def prepared(args: Sequence[Any]) -> Tuple[Tuple, list]:
+    """(facts, launch arguments): the facts of the runtime arguments Triton compiles for
+    (see the module docstring) and the arguments as the compiled launcher takes them,
+    tensors as their addresses (each ``data_ptr()`` asked once).
 
-    Tensors: (dtype, data_ptr % 16 == 0); ints: ``int_fact``; floats: their type only (a
-    float is never specialised, but an int in its place would be); None: None."""
+    Tensors: (dtype, address % 16 == 0); ints: ``int_fact``; floats: their type only (a
+    float is never specialised, but an int in its place would be)."""
     facts = []
+    values = []
     for a in args:
         kind = type(a)
         if kind is int:
             facts.append(int_fact(a))
+            values.append(a)
         elif kind is float:
             facts.append(float)
-        elif a is None:
-            facts.append(None)
+            values.append(a)
         elif isinstance(a, _Tensor):
-            facts.append((a.dtype, a.data_ptr() % 16 == 0))
+            address = a.data_ptr()
+            facts.append((a.dtype, address % 16 == 0))
+            values.append(address)
         elif kind is bool:
             facts.append(bool)
+            values.append(a)
         else:
             raise TypeError(f"direct launch: unsupported argument type {kind.__name__}")
-    return tuple(facts)
+    return tuple(facts), values
+
+
+def specialisation(args: Sequence[Any]) -> Tuple:
+    """The facts alone (``prepared``'s first half)."""
+    return prepared(args)[0]
 
 
 class Launcher:
@@ -130,7 +141,8 @@ class Launcher:
         if enter or leave:   # a profiler listens: let Triton call it
             self.fallback(grid, args, constexprs, num_warps)
             return
-        key = self.key(args, constexprs, num_warps, device)
+        facts, values = prepared(args)
+        key = (constexprs, num_warps, device, facts)
         entry = self.compiled.get(key)
         if entry is None:
             compiled = self.fallback(grid, args, constexprs, num_warps)
@@ -142,9 +154,8 @@ class Launcher:
         gx = grid[0]
         gy = grid[1] if len(grid) > 1 else 1
         gz = grid[2] if len(grid) > 2 else 1
-        launch_args = [a.data_ptr() if isinstance(a, _Tensor) else a for a in args]
         self.direct_launches += 1
-        run(gx, gy, gz, _raw_stream(device), function, metadata, None, None, None, *launch_args, *constexprs)
+        run(gx, gy, gz, _raw_stream(device), function, metadata, None, None, None, *values, *constexprs)
 
 
 class _Trace(threading.local):
