@@ -358,3 +358,13 @@ def test_split_plan_programs_per_sm_by_layout():
     cl = plan.split_plan(size, 32, 132, channels_last=True)
     assert 32 * nchw.split >= 132 * plan.WAVES_PER_SM_NCHW
     assert 132 * plan.WAVES_PER_SM <= 32 * cl.split < 32 * nchw.split
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_group_path_channels_last_every_dtype(monkeypatch, dtype):
+    """The one-program-per-group kernels (forward and backward) on channels-last input in
+    every dtype, with every epilogue piece (the contract cases reach channels-last on
+    this path in float32 only)."""
+    _set_path(monkeypatch, "group")
+    x, w, b, sc, sh, dy = _inputs((2, 6, 5, 7), 3, dtype, True, seed=7)
+    _check_contract(x, w, b, sc, sh, dy, 3, "gelu_tanh")
