@@ -62,17 +62,46 @@ def test_key_facts_match_triton_specialisation():
 
 
 def test_key_changes_with_each_fact():
-    x = torch.empty(64, dtype=torch.float16)
-    k = launch.FUSED.key
-    same = k((x, 16), (4, False), 4, 0)
-    assert same == k((torch.empty(64, dtype=torch.float16), 32), (4, False), 4, 0)
-    assert same != k((x[1:], 16), (4, False), 4, 0)                       # unaligned view
-    assert same != k((x.float(), 16), (4, False), 4, 0)                   # another dtype
-    assert same != k((x, 16), (4, True), 4, 0)                            # another flag
-    assert same != k((x, 17), (4, False), 4, 0)                           # divisibility
-    assert same != k((x, 1), (4, False), 4, 0)                            # 1 compiles in
-    assert same != k((x, 16), (4, False), 8, 0)                           # num_warps
-    assert same != k((x, 16), (4, False), 4, 1)                           # device
+    """The launcher's key (param_sums_kernel: four pointers, then N, C) is finer than
+    Triton's facts: every fact that changes a compilation changes it."""
+    x = torch.empty(64, dtype=torch.float32)
+    k = launch.PARAM_SUMS.key
+    flags = (True, True, "acc", 256)
+
+    def args(t, n=16):
+        return (x, x, t, t, n, 320)
+
+    same = k(args(x), flags, 4, 0)
+    assert same == k(args(x), flags, 4, 0)
+    assert same == k(args(torch.empty(64, dtype=torch.float32)[4:]), flags, 4, 0)   # 16-byte aligned too
+    assert same != k(args(x[1:]), flags, 4, 0)                                     # unaligned view
+    assert same != k(args(x.half()), flags, 4, 0)                                  # another dtype
+    assert same != k(args(x), (False, True, "acc", 256), 4, 0)                     # another flag
+    assert same != k(args(x, 17), flags, 4, 0)                                     # divisibility
+    assert same != k(args(x, 1), flags, 4, 0)                                      # 1 compiles in
+    assert same != k(args(x, 2 ** 31), flags, 4, 0)                                # int64
+    assert same != k(args(x), flags, 8, 0)                                         # num_warps
+    assert same != k(args(x), flags, 4, 1)                                         # device
+
+
+def test_key_is_finer_than_triton_facts():
+    """Whenever two launches share a key, Triton specialises their arguments alike."""
+    native = _native()
+    tensors, ints, _ = _argument_variants()
+    k = launch.PARAM_SUMS.key
+    cases = [(a, b, n) for a in tensors for b in tensors[:3] for n in ints]
+    keys = {}
+    for a, b, n in cases:
+        facts = tuple(native(v) for v in (a, a, b, b, n, 320))
+        keys.setdefault(k((a, a, b, b, n, 320), (True,), 4, 0), set()).add(facts)
+    assert all(len(f) == 1 for f in keys.values())
+
+
+def test_launchers_know_their_pointer_parameters():
+    for launcher in launch.LAUNCHERS:
+        names = launcher.kernel.arg_names
+        assert launcher.n_ptr >= 2 and all(n.endswith("_ptr") for n in names[:launcher.n_ptr])
+        assert not any(n.endswith("_ptr") for n in names[launcher.n_ptr:])
 
 
 def test_launcher_requires_trailing_constexprs():

@@ -14,8 +14,9 @@ kernel compiled for other facts: wrong results, not an error): for each pointer 
 dtype and whether it is 16-byte aligned; for each integer whether it is 1 (compiled in
 as a constant), whether it is divisible by 16 and whether it fits int32 / int64; floats
 are not specialised; every constexpr value; the launch options (num_warps); the device.
-``specialisation`` builds it in plain Python; tests check it against Triton's own
-``native_specialize_impl`` on CPU tensors.
+``specialisation`` states those facts in plain Python (tests check it against Triton's
+own ``native_specialize_impl`` on CPU tensors); the launcher's key is finer still (the
+integers' values, the addresses mod 16), so that a hit costs no per-argument logic.
 
 Supported Triton: 3.6 to 3.9 (``SUPPORTED``), whose ``JITFunction.run`` and CUDA launcher
 were read for this: ``CompiledKernel.run(grid_x, grid_y, grid_z, stream, function,
@@ -35,6 +36,9 @@ import torch
 import triton
 
 SUPPORTED = ((3, 6), (3, 10))   # [low, high) of (major, minor)
+# Cached launches per kernel before the cache starts afresh (a key per shape and
+# address residue: a model has tens of shapes).
+MAX_ENTRIES = 4096
 
 _I32 = (-(2 ** 31), 2 ** 31)
 _I64 = (-(2 ** 63), 2 ** 63)
@@ -103,10 +107,18 @@ def specialisation(args: Sequence[Any]) -> Tuple:
 
 
 class Launcher:
-    """One Triton kernel whose constexpr parameters all follow its runtime ones.
+    """One Triton kernel whose pointer parameters (named ``*_ptr``) come first, then its
+    other runtime parameters, then its constexpr parameters.
 
-    ``launcher(grid, args, constexprs, num_warps)``: ``args`` the runtime arguments in
-    signature order, ``constexprs`` the constexpr values in signature order."""
+    ``launcher(grid, args, constexprs, num_warps, device)``: ``args`` the runtime arguments
+    in signature order (tensors, then ints and floats, each position always of the same
+    Python type), ``constexprs`` the constexpr values in signature order, ``device``
+    x.get_device() (-1: not CUDA, the fallback).
+
+    The cache key holds the scalars' values themselves (finer than Triton's facts: a new
+    shape misses once, launches through kernel[grid] and is cached; Triton's own cache
+    makes that launch cheap), each tensor's dtype and its address mod 16, the constexprs,
+    num_warps and the device: no per-argument Python logic on a hit."""
 
     def __init__(self, kernel, constexpr_names: Sequence[str]):
         self.kernel = kernel
@@ -114,13 +126,20 @@ class Launcher:
         params = list(getattr(kernel, "arg_names", ()))
         if params and tuple(params[len(params) - len(self.names):]) != self.names:
             raise ValueError(f"{kernel}: constexprs {self.names} must be its last parameters")
+        self.n_ptr = sum(name.endswith("_ptr") for name in params)
+        if any(not name.endswith("_ptr") for name in params[:self.n_ptr]):
+            raise ValueError(f"{kernel}: pointer parameters (*_ptr) must come first")
         self.compiled: Dict[Tuple, Tuple] = {}
-        # Counters the tests read (launches through each path, compilations seen).
+        # Counters the tests read (launches through each path).
         self.direct_launches = 0
         self.fallback_launches = 0
 
     def key(self, args: Sequence[Any], constexprs: Tuple, num_warps: int, device: int) -> Tuple:
-        return (constexprs, num_warps, device, specialisation(args))
+        """The cache key of a launch (``__call__`` builds the same inline)."""
+        n = self.n_ptr
+        tensors = args[:n]
+        return (constexprs, num_warps, device, tuple(args[n:]), tuple([t.dtype for t in tensors]),
+                tuple([t.data_ptr() & 15 for t in tensors]))
 
     def fallback(self, grid, args, constexprs: Tuple, num_warps: int):
         """``kernel[grid]``: compiles on a miss, returns the CompiledKernel (None in the
@@ -141,21 +160,25 @@ class Launcher:
         if enter or leave:   # a profiler listens: let Triton call it
             self.fallback(grid, args, constexprs, num_warps)
             return
-        facts, values = prepared(args)
-        key = (constexprs, num_warps, device, facts)
+        n = self.n_ptr
+        tensors = args[:n]
+        scalars = args[n:]
+        ptrs = [t.data_ptr() for t in tensors]
+        key = (constexprs, num_warps, device, tuple(scalars), tuple([t.dtype for t in tensors]),
+               tuple([p & 15 for p in ptrs]))
         entry = self.compiled.get(key)
         if entry is None:
+            if len(self.compiled) >= MAX_ENTRIES:
+                self.compiled.clear()
             compiled = self.fallback(grid, args, constexprs, num_warps)
             if compiled is not None and hasattr(compiled, "run") and hasattr(compiled, "packed_metadata"):
                 run = compiled.run     # initialises the handles (already done by the launch above)
                 self.compiled[key] = (run, compiled.function, compiled.packed_metadata)
             return
         run, function, metadata = entry
-        gx = grid[0]
-        gy = grid[1] if len(grid) > 1 else 1
-        gz = grid[2] if len(grid) > 2 else 1
         self.direct_launches += 1
-        run(gx, gy, gz, _raw_stream(device), function, metadata, None, None, None, *values, *constexprs)
+        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _raw_stream(device),
+            function, metadata, None, None, None, *ptrs, *scalars, *constexprs)
 
 
 class _Trace(threading.local):

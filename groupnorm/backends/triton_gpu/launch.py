@@ -112,7 +112,10 @@ class Layout:
         self.stride_hw = c if channels_last else 1
         self.rows = n * num_groups
         self.device = device
-        self.shape = plan.Shape(n, c, self.hw, num_groups, channels_last)
+
+    @property
+    def shape(self) -> plan.Shape:
+        return plan.Shape(self.n, self.c, self.hw, self.g, self.channels_last)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -196,8 +199,15 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activati
     return y, mean, rstd
 
 
+_PLANS: dict = {}   # memo of forward and backward plans (a few us each on the host)
+
+
 def forward_plan(lay: Layout) -> plan.ForwardPlan:
-    return plan.forward_plan(lay.shape, _sms_of(lay.device))
+    key = (lay.n, lay.c, lay.hw, lay.g, lay.channels_last, lay.device, plan.knobs())
+    p = _PLANS.get(key)
+    if p is None:
+        p = _PLANS[key] = plan.forward_plan(lay.shape, _sms_of(lay.device))
+    return p
 
 
 def _forward(x, lay: Layout, weight, bias, scale, shift, eps: float, activation: str, mean, rstd) -> Tensor:
@@ -271,7 +281,11 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: i
 
 
 def backward_plan(lay: Layout, param_sums: bool = True) -> plan.BackwardPlan:
-    return plan.backward_plan(lay.shape, _sms_of(lay.device), param_sums)
+    key = (lay.n, lay.c, lay.hw, lay.g, lay.channels_last, lay.device, plan.knobs(), param_sums)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _PLANS[key] = plan.backward_plan(lay.shape, _sms_of(lay.device), param_sums)
+    return p
 
 
 def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation: str,

@@ -246,5 +246,13 @@ def backward_plan(s: Shape, num_sms: int, param_sums: bool = True) -> BackwardPl
     raise AssertionError("the split path takes every shape")
 
 
+def knobs() -> Tuple:
+    """Every module constant a plan reads: part of the launcher's plan memo key, so a
+    monkeypatched knob (the tests) is never answered by a plan made under another."""
+    return (FUSED_MAX_GROUP, LOOP_BLOCK, SPLIT_MIN_CHUNK, MAX_SPLIT, WAVES_PER_SM, WAVES_PER_SM_NCHW,
+            CPU_NUM_SMS, REDUCE_TILE, GROUP_MAX_GROUP, GROUP_BLOCK, BACKWARD_TILE, PARAM_BLOCK,
+            FORWARD_PATHS, BACKWARD_PATHS)
+
+
 def param_grid(c: int) -> Tuple[int]:
     return (cdiv(c, PARAM_BLOCK),)
