@@ -25,8 +25,8 @@ def forward_known_stats(x, shape, dtype, numel, channels_last, weight, bias, num
     """forward_known for a call that will be differentiated -> (y, (mean, rstd), None)."""
     lay = launch.Layout.known(shape, numel, channels_last, num_groups, x.get_device())
     acc = launch.acc_dtype(dtype)
-    mean = launch._scratch((lay.n, num_groups), acc, x.device)
-    rstd = launch._scratch((lay.n, num_groups), acc, x.device)
+    mean = launch.empty((lay.n, num_groups), acc, x.device)
+    rstd = launch.empty((lay.n, num_groups), acc, x.device)
     y = launch._forward(x, lay, weight, bias, None, None, eps, activation, mean, rstd)
     return y, (mean, rstd), None
 
