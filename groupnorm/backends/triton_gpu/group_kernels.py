@@ -36,9 +36,15 @@ def group_forward_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-    WRITE_STATS: tl.constexpr,
+    WRITE_STATS: tl.constexpr, TILE_C: tl.constexpr, TILE_HW: tl.constexpr,
 ):
-    """Program row = n * G + g: statistics over the group, then y over it again."""
+    """Program row = n * G + g: statistics over the group, then y over it again.
+
+    The statistics read the group as one flat run (its memory order). NCHW applies in
+    tiles [TILE_C channels, TILE_HW positions], so each element's channel is its tile row
+    (a flat index would need a division by the runtime HW per element) and the
+    parameters are loaded once per row; channels-last applies flat (its channel is
+    i % CPG, a constant divisor)."""
     row = tl.program_id(0).to(tl.int64)
     n = row // G
     g = row % G
@@ -76,16 +82,42 @@ def group_forward_kernel(
         tl.store(mean_ptr + row, pivot + mean_s)
         tl.store(rstd_ptr + row, rstd)
     shift_s = pivot + mean_s
-    for start in range(0, group_size, BLOCK):
-        i = start + lanes
-        mask = i < group_size
-        offs, c_local = group_offsets(i, C, HW, CPG, CHANNELS_LAST)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC)
-        c = g * CPG + c_local
-        z = pre_activation((x - shift_s) * rstd, n, c, mask, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                           HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
-        y = activation(z, ACTIVATION)
-        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if CHANNELS_LAST:
+        for start in range(0, group_size, BLOCK):
+            i = start + lanes
+            mask = i < group_size
+            offs, c_local = group_offsets(i, C, HW, CPG, CHANNELS_LAST)
+            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+            c = g * CPG + c_local
+            z = pre_activation((x - shift_s) * rstd, n, c, mask, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                               HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
+            y = activation(z, ACTIVATION)
+            tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        rows = tl.arange(0, TILE_C)
+        cols = tl.arange(0, TILE_HW)
+        for c0 in range(0, CPG, TILE_C):
+            c_local = c0 + rows
+            c_mask = c_local < CPG
+            c = g * CPG + c_local
+            nc = n * C + c
+            row_offs = c_local.to(tl.int64)[:, None] * HW
+            for h0 in range(0, HW, TILE_HW):
+                hw = h0 + cols
+                mask = c_mask[:, None] & (hw < HW)[None, :]
+                offs = row_offs + hw[None, :]
+                x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+                z = (x - shift_s) * rstd
+                if HAS_WEIGHT:
+                    z = z * tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
+                if HAS_BIAS:
+                    z = z + tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)[:, None]
+                if HAS_SCALE:
+                    z = z * (1.0 + tl.load(scale_ptr + nc, mask=c_mask, other=0.0).to(ACC))[:, None]
+                if HAS_SHIFT:
+                    z = z + tl.load(shift_ptr + nc, mask=c_mask, other=0.0).to(ACC)[:, None]
+                y = activation(z, ACTIVATION)
+                tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

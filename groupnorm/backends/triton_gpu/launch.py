@@ -27,7 +27,7 @@ _FLAGS = ("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT")
 FUSED = Launcher(fused_forward_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK",
                                         "WRITE_STATS"))
 GROUP_FORWARD = Launcher(group_forward_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK",
-                                                "WRITE_STATS"))
+                                                "WRITE_STATS", "TILE_C", "TILE_HW"))
 STATS_PARTIAL = Launcher(stats_partial_kernel, ("CPG", "CHANNELS_LAST", "ACC", "BLOCK"))
 STATS_COMBINE = Launcher(stats_combine_kernel, ("WRITE_M2", "WRITE_RSTD", "BLOCK_S"))
 APPLY = Launcher(apply_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK", "MERGE", "BLOCK_S"))
@@ -226,7 +226,10 @@ def _forward(x, lay: Layout, weight, bias, scale, shift, eps: float, activation:
     ptrs, flags = _params(x, weight, bias, scale, shift)
     common = (lay.cpg, lay.channels_last, *flags, ACTIVATION_CODES[activation], _acc_tl(x.dtype), p.block,
               mean is not None)
-    kernel = GROUP_FORWARD if p.path == "group" else FUSED
+    if p.path == "group":
+        kernel, common = GROUP_FORWARD, (*common, p.tile_c, p.tile_hw)
+    else:
+        kernel = FUSED
     kernel(p.grid, (
         x, y, *ptrs, x if mean is None else mean, x if rstd is None else rstd,
         lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, float(eps)),

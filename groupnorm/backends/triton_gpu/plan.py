@@ -175,6 +175,8 @@ class ForwardPlan:
     block: int                      # elements per program step (the group, for "fused")
     num_warps: int
     split: Optional[SplitPlan] = None   # "split": the plan both launches share
+    tile_c: int = 1                 # "group", NCHW: the apply's tile [tile_c, tile_hw]
+    tile_hw: int = 1
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,10 @@ def _group_forward(s: Shape, num_sms: int) -> Optional[ForwardPlan]:
     if s.group_size > GROUP_MAX_GROUP:
         return None
     block = min(GROUP_BLOCK, next_power_of_2(s.group_size))
-    return ForwardPlan("group", 1, (s.rows,), block, _warps(block))
+    tile_hw = min(next_power_of_2(s.hw), block)
+    tile_c = 1 if s.channels_last else min(next_power_of_2(s.cpg), max(1, block // tile_hw))
+    return ForwardPlan("group", 1, (s.rows,), block, _warps(block), tile_c=tile_c,
+                       tile_hw=1 if s.channels_last else tile_hw)
 
 
 def _split_forward(s: Shape, num_sms: int) -> ForwardPlan:
