@@ -8,8 +8,12 @@ Stage 1 (eager), every GPU suite shape x float16/bfloat16/float32 x NCHW/NHWC x 
 forward+backward: ours (the public ``group_norm``: the lean call, direct launches), torch
 eager, the measured copy bandwidth for x's size (ours as % of it; least bytes: forward
 x + y, forward+backward x + y + dy + x + dx).
-Stage 2 (compiled, float16 first, while time is left): torch.compile of F.group_norm and
-of ours, default and mode="reduce-overhead" (cudagraph_mark_step_begin per call).
+Stage 2 (compiled, float16 first, until --tune-s before the deadline): torch.compile of
+F.group_norm and of ours, default and mode="reduce-overhead" (cudagraph_mark_step_begin
+per call).
+Stage 3 (knobs, the last --tune-s seconds): ours on three UNet shapes in float16 under
+other plan.GROUP_BLOCK / plan.BACKWARD_TILE values (rows "knob"), the data for the next
+choice of those constants.
 
 Timing: CUDA events around a batch of back-to-back calls (what a model's loop sees:
 max(host, GPU) per call), median of 5 batches; inputs rotate over enough copies that
@@ -36,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 EPS = 1e-5
 DEVICE = "cuda"   # --device cpu: a smoke run of this script's code where no GPU is lent
 ROTATE_BYTES = 128 << 20
-COLUMNS = ["stage", "case", "dtype", "format", "pass", "max_err", "copy_gbps", "ours_pct_copy",
+COLUMNS = ["stage", "knob", "case", "dtype", "format", "pass", "max_err", "copy_gbps", "ours_pct_copy",
            "ours_us", "torch_us", "x_torch", "ours_host_us", "torch_host_us",
            "torch_compile_us", "ours_compile_us", "x_compile", "torch_ro_us", "ours_ro_us", "x_ro",
            "liger_us", "error"]
@@ -215,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="", help="substring filter on case names")
     parser.add_argument("--compile-dtypes", default="float16,bfloat16,float32")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tune-s", type=float, default=45.0, help="seconds kept for the knob stage")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -275,6 +280,14 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
 
     # Stage 2: compiled, static shapes, default and reduce-overhead.
+    compile_stop = stop_at - args.tune_s
+    compiled_stage(args, cases, formats, ours, table, compile_stop, lift_recompile_limits)
+    # Stage 3: the plan's knobs.
+    knob_stage(formats, ours, table, stop_at)
+    return 0
+
+
+def compiled_stage(args, cases, formats, ours, table, stop_at, lift_recompile_limits):
     lift_recompile_limits()
     compile_dtypes = [getattr(torch, d) for d in args.compile_dtypes.split(",") if d]
     for dtype in compile_dtypes:
@@ -283,7 +296,7 @@ def main(argv=None) -> int:
                 for pass_name in ("forward", "forward_backward"):
                     if time.monotonic() > stop_at:
                         print("deadline reached in the compiled stage", flush=True)
-                        return 0
+                        return
                     row = dict(stage="compiled", case=case.name, dtype=str(dtype)[6:], format=fmt,
                                **{"pass": pass_name})
                     inputs = None
@@ -307,7 +320,41 @@ def main(argv=None) -> int:
                     del inputs
                     if DEVICE == "cuda":
                         torch.cuda.empty_cache()
-    return 0
+
+
+KNOB_CASES = ("sd15-unet b1 320x64x64", "sd15-unet b8 320x64x64", "sdxl-unet b8 1280x32x32")
+
+
+def knob_stage(formats, ours, table, stop_at):
+    """ours (float16) under other GROUP_BLOCK (forward) and BACKWARD_TILE (forward +
+    backward) values; the defaults are restored after each row."""
+    from groupnorm.backends.triton_gpu import plan
+    from groupnorm.bench.suite import GPU_SUITE
+
+    cases = [c for c in GPU_SUITE if c.name in KNOB_CASES]
+    trials = [("forward", "GROUP_BLOCK", v) for v in (2048, 4096, 16384)]
+    trials += [("forward_backward", "BACKWARD_TILE", v) for v in (2048, 8192)]
+    for pass_name, knob, value in trials:
+        for fmt in formats:
+            for case in cases:
+                if time.monotonic() > stop_at:
+                    print("deadline reached in the knob stage", flush=True)
+                    return
+                row = dict(stage="knob", knob=f"{knob}={value}", case=case.name, dtype="float16", format=fmt,
+                           **{"pass": pass_name})
+                old = getattr(plan, knob)
+                inputs = None
+                try:
+                    setattr(plan, knob, value)
+                    inputs = Inputs(case, torch.float16, fmt, pass_name != "forward")
+                    row["max_err"] = check(inputs, ours)
+                    row["ours_us"], row["ours_host_us"] = measure(inputs.call(ours))
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                finally:
+                    setattr(plan, knob, old)
+                table.add(row)
+                del inputs
 
 
 if __name__ == "__main__":

@@ -64,11 +64,11 @@ case "$MODE" in
     suite 85 --no-compile
     ;;
   everyday)
-    { timeout 110 python -m pytest -n 8 -q -p no:cacheprovider tests/test_triton_launch.py \
+    { timeout 120 python -m pytest -n 8 -q -p no:cacheprovider tests/test_triton_launch.py \
         tests/test_triton_backend.py tests/test_triton_compile.py; echo "rc=$?"
-      timeout 40 python -m pytest -q -p no:cacheprovider tests/test_toolchain.py -k cuda; echo "rc=$?"
+      timeout 35 python -m pytest -q -p no:cacheprovider tests/test_toolchain.py -k cuda; echo "rc=$?"
     } > "$OUT/tests_cuda.txt" 2>&1
-    timeout 320 python benchmarks/gpu_check.py --out "$OUT/gpu_suite" --deadline-s 300 \
+    timeout 300 python benchmarks/gpu_check.py --out "$OUT/gpu_suite" --deadline-s 285 \
       > "$OUT/gpu_check.txt" 2>&1; echo "rc=$?" >> "$OUT/gpu_check.txt"
     ;;
   *) echo "usage: bash benchmarks/gpu_session.sh [full|tune|check|everyday]" >&2; exit 2 ;;
