@@ -260,11 +260,16 @@ def test_gradient_end_to_end(monkeypatch, channels_last, activation):
     torch.testing.assert_close(s0.cpu(), leaves[4].grad, rtol=1e-9, atol=1e-9)
 
 
-def test_default_plan_splits_a_large_group():
-    """A group above FUSED_MAX_GROUP takes the split path with the default constants."""
+def test_default_plan_of_a_group_above_registers():
+    """With the default constants a group above FUSED_MAX_GROUP takes the "group" path
+    (one full GROUP_BLOCK step and a partial one here), one above GROUP_MAX_GROUP the split
+    path over several programs."""
     shape, g = (1, 2, 64, 72), 1  # group of 9216 elements
     assert not plan.use_fused(2 * 64 * 72)
-    assert plan.split_plan(9216, 1, launch.num_sms(torch.device(DEVICE))).split > 1
+    sms = launch.num_sms(torch.device(DEVICE))
+    assert plan.forward_plan(plan.Shape(1, 2, 64 * 72, 1, False), sms).path == "group"
+    big = plan.forward_plan(plan.Shape(1, 2, plan.GROUP_MAX_GROUP, 1, False), sms)
+    assert big.path == "split" and big.split.split > 1
     x, w, b, sc, sh, dy = _inputs(shape, g, torch.float32, False)
     _check_contract(x, w, b, sc, sh, dy, g, "silu")
 

@@ -318,8 +318,11 @@ def _backward(dy, x, lay: Layout, mean, rstd, weight, bias, scale, shift, activa
     if p.path == "group":
         dx = empty_like(x) if need_dx else None
         sums = need_w or need_b
-        ka = _scratch((lay.n, lay.c), acc, x.device) if sums else x
-        kb = _scratch((lay.n, lay.c), acc, x.device) if sums else x
+        if sums:   # one scratch for both partials: an allocation is host time too
+            partials = _scratch((2, lay.n, lay.c), acc, x.device)
+            ka, kb = partials[0], partials[1]
+        else:
+            ka = kb = x
         ds = grads[2] if grads[2] is not None else x
         dt = grads[3] if grads[3] is not None else x
         # dscale / dshift are written when scale / shift are present; a gradient not
