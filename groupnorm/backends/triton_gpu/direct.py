@@ -4,8 +4,8 @@
 specialisation, a string cache key, launch metadata. On the H100 host that cost 30-40 us
 per launch (BENCHMARKS.md, 2026-11-26), more than the GPU time of a UNet-sized GroupNorm.
 Here each kernel is compiled once per specialisation by an ordinary ``kernel[grid]`` call,
-whose returned ``CompiledKernel`` is kept under a key of every fact Triton specialises on;
-later calls with the same facts call the compiled launcher directly on the current stream,
+whose returned ``CompiledKernel`` is kept under a key that holds every fact Triton
+specialises on; later calls with the same key call the compiled launcher directly on the current stream,
 with pointers passed as integers (the launcher then skips ``data_ptr()`` and its pointer
 check) and no launch hooks.
 
@@ -18,8 +18,8 @@ are not specialised; every constexpr value; the launch options (num_warps); the 
 own ``native_specialize_impl`` on CPU tensors); the launcher's key is finer still (the
 integers' values, the addresses mod 16), so that a hit costs no per-argument logic.
 
-Supported Triton: 3.6 to 3.9 (``SUPPORTED``), whose ``JITFunction.run`` and CUDA launcher
-were read for this: ``CompiledKernel.run(grid_x, grid_y, grid_z, stream, function,
+Supported Triton: 3.6 to 3.9 (``SUPPORTED``; the sources of 3.6.0 and 3.9.0 were read for
+this, and their ``JITFunction.run``, ``CompiledKernel`` and CUDA launcher agree): ``CompiledKernel.run(grid_x, grid_y, grid_z, stream, function,
 packed_metadata, launch_metadata, enter_hook, exit_hook, *args)``, every argument
 (constexprs included) positional, None metadata and hooks skipped. Other versions, the
 interpreter (``TRITON_INTERPRET=1``), CPU tensors and an active launch hook (a profiler)
@@ -72,38 +72,22 @@ def int_fact(value: int):
     return (kind, value % 16 == 0)
 
 
-def prepared(args: Sequence[Any]) -> Tuple[Tuple, list]:
-    """(facts, launch arguments): the facts of the runtime arguments Triton compiles for
-    (see the module docstring) and the arguments as the compiled launcher takes them,
-    tensors as their addresses (each ``data_ptr()`` asked once).
-
-    Tensors: (dtype, address % 16 == 0); ints: ``int_fact``; floats: their type only (a
-    float is never specialised, but an int in its place would be)."""
+def specialisation(args: Sequence[Any]) -> Tuple:
+    """The facts of the runtime arguments Triton compiles for (see the module docstring):
+    tensors (dtype, address % 16 == 0); ints ``int_fact``; floats their type only (a float
+    is never specialised, but an int in its place would be)."""
     facts = []
-    values = []
     for a in args:
         kind = type(a)
         if kind is int:
             facts.append(int_fact(a))
-            values.append(a)
-        elif kind is float:
-            facts.append(float)
-            values.append(a)
+        elif kind is float or kind is bool:
+            facts.append(kind)
         elif isinstance(a, _Tensor):
-            address = a.data_ptr()
-            facts.append((a.dtype, address % 16 == 0))
-            values.append(address)
-        elif kind is bool:
-            facts.append(bool)
-            values.append(a)
+            facts.append((a.dtype, a.data_ptr() % 16 == 0))
         else:
             raise TypeError(f"direct launch: unsupported argument type {kind.__name__}")
-    return tuple(facts), values
-
-
-def specialisation(args: Sequence[Any]) -> Tuple:
-    """The facts alone (``prepared``'s first half)."""
-    return prepared(args)[0]
+    return tuple(facts)
 
 
 class Launcher:
