@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import plan
 from .apply_kernels import apply_kernel
-from .backward_kernels import dx_kernel, finish_kernel, reduce_combine_kernel, reduce_partial_kernel
+from .backward_kernels import dx_kernel, merge_dx_kernel, reduce_combine_kernel, reduce_partial_kernel
 from .direct import Launcher
 from .epilogue_jit import ACTIVATION_CODES
 from .group_kernels import group_backward_kernel, group_forward_kernel, param_sums_kernel
@@ -33,12 +33,13 @@ STATS_COMBINE = Launcher(stats_combine_kernel, ("WRITE_M2", "WRITE_RSTD", "BLOCK
 APPLY = Launcher(apply_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK", "MERGE", "BLOCK_S"))
 REDUCE_PARTIAL = Launcher(reduce_partial_kernel, ("CPG", *_FLAGS, "ACTIVATION", "ACC", "BLOCK_C", "BLOCK_HW"))
 REDUCE_COMBINE = Launcher(reduce_combine_kernel, ("ACC", "BLOCK"))
-FINISH = Launcher(finish_kernel, ("CPG", "BLOCK_CPG", *_FLAGS, "ACC"))
+MERGE_DX = Launcher(merge_dx_kernel, ("CPG", "BLOCK_CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK",
+                                      "NEED_DX", "WANT_DW", "WANT_DB"))
 DX = Launcher(dx_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK"))
 GROUP_BACKWARD = Launcher(group_backward_kernel, ("CPG", "CHANNELS_LAST", *_FLAGS, "ACTIVATION", "ACC", "BLOCK_CPG",
                                                   "BLOCK_HW", "NEED_DX", "WRITE_PARTIALS"))
 PARAM_SUMS = Launcher(param_sums_kernel, ("HAS_WEIGHT", "HAS_BIAS", "ACC", "BLOCK"))
-LAUNCHERS = (FUSED, GROUP_FORWARD, STATS_PARTIAL, STATS_COMBINE, APPLY, REDUCE_PARTIAL, REDUCE_COMBINE, FINISH,
+LAUNCHERS = (FUSED, GROUP_FORWARD, STATS_PARTIAL, STATS_COMBINE, APPLY, REDUCE_PARTIAL, REDUCE_COMBINE, MERGE_DX,
              DX, GROUP_BACKWARD, PARAM_SUMS)
 
 
@@ -294,8 +295,8 @@ def backward_plan(lay: Layout, param_sums: bool = True) -> plan.BackwardPlan:
 def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: int, activation: str,
                    need_dx: bool = True):
     """(dx, dweight, dbias, dscale, dshift): one launch per group plus one for dweight /
-    dbias where a group fits one program ("group" path), else three (partial sums, the
-    group and parameter terms, dx). The contract's two stages plus ``grad_terms`` take
+    dbias where a group fits one program ("group" path), else two (tile partial sums,
+    then their merge with the group and parameter terms and dx: ``merge_dx_kernel``). The contract's two stages plus ``grad_terms`` take
     about ten (torch's small reductions and casts among them), each a host-side cost that
     dominates small shapes."""
     lay = Layout(x, num_groups)
@@ -343,14 +344,18 @@ def _backward(dy, x, lay: Layout, mean, rstd, weight, bias, scale, shift, activa
         return (dx, *grads)
     r = _reduce_plan(lay)
     p1, p0 = _reduce_partials(dy, x, lay, mean, rstd, ptrs, flags, activation, r, _scratch)
-    sdx = _scratch((lay.n, lay.g), acc, x.device)
-    sdxx = _scratch((lay.n, lay.g), acc, x.device)
-    outs = [g if g is not None else (_scratch(t.shape, t.dtype, x.device) if t is not None else x)
-            for g, t in zip(grads, (weight, bias, scale, shift))]
-    block_cpg = plan.next_power_of_2(lay.cpg)
-    FINISH((lay.g,), (p1, p0, ptrs[0], ptrs[1], ptrs[2], sdx, sdxx, *outs, lay.n, lay.c, lay.g, r.split),
-           (lay.cpg, block_cpg, *flags, acc_tl), max(1, min(8, block_cpg // 256)), lay.device)
-    dx = _dx(dy, x, lay, mean, rstd, ptrs, flags, sdx, sdxx, lay.group_size, activation) if need_dx else None
+    dx = empty_like(x) if need_dx else None
+    # dweight / dbias are written only when wanted; dscale / dshift whenever scale / shift
+    # are present (a gradient not wanted goes to scratch).
+    outs = [x if grads[0] is None else grads[0], x if grads[1] is None else grads[1]]
+    outs += [g if g is not None else (_scratch(t.shape, t.dtype, x.device) if t is not None else x)
+             for g, t in zip(grads[2:], (scale, shift))]
+    sp = _split_plan(lay)
+    MERGE_DX((lay.rows, sp.split if need_dx else 1), (
+        dy, x, x if dx is None else dx, mean, rstd, *ptrs, p1, p0, *outs,
+        lay.n, lay.c, lay.hw, lay.g, lay.group_size, lay.stride_n, lay.stride_c, sp.chunk, r.split),
+        (lay.cpg, plan.next_power_of_2(lay.cpg), lay.channels_last, *flags, code, acc_tl, sp.block, need_dx,
+         grads[0] is not None, grads[1] is not None), sp.num_warps, lay.device)
     return (dx, *grads)
 
 

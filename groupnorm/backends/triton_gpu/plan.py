@@ -14,7 +14,7 @@ dispatches on (``launch.forward`` / ``launch.backward_grads``).
               "split"  split statistics, then the apply merging them      2 launches
     backward  "group"  one program per group: sums then dx;               1 launch
                        dweight/dbias summed over n by a second launch    +1 with weight/bias
-              "split"  tile partials, group/parameter terms, dx           3 launches
+              "split"  tile partials, then their merge with dx            2 launches
 """
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ def _group_backward(s: Shape, num_sms: int, param_sums: bool) -> Optional[Backwa
 
 def _split_backward(s: Shape, num_sms: int, param_sums: bool) -> BackwardPlan:
     r = reduce_plan(s.n, s.c, s.hw, s.channels_last, num_sms)
-    return BackwardPlan("split", 3, (s.n, cdiv(s.c, r.block_c), r.split), num_warps=r.num_warps)
+    return BackwardPlan("split", 2, (s.n, cdiv(s.c, r.block_c), r.split), num_warps=r.num_warps)
 
 
 BACKWARD_PATHS: Tuple[Callable[[Shape, int, bool], Optional[BackwardPlan]], ...] = (
