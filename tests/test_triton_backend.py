@@ -151,7 +151,7 @@ def _check_contract(x, w, b, sc, sh, dy, num_groups, activation):
 
 
 def _check_backward_grads(x, w, b, sc, sh, dy, mean, rstd, num_groups, activation):
-    """backward_grads (three launches) against the reference stages + grad_terms in float64."""
+    """backward_grads (one or two launches) against the reference stages + grad_terms in float64."""
     from groupnorm import grad_terms
 
     xd, wd, bd, scd, shd, dyd = map(_d, (x, w, b, sc, sh, dy))
