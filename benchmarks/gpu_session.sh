@@ -7,6 +7,9 @@
 #       profile, launch-plan variants (tune_gpu.py), CUDA tests
 #   run(command="bash benchmarks/gpu_session.sh check", timeout_s=290)  ~3 min after a change:
 #       CUDA tests, main job correctness, host profile, float16 suite without compile
+#   run(command="bash benchmarks/gpu_session.sh everyday", timeout_s=540)  <= 8 min: the Triton
+#       and toolchain CUDA tests, then benchmarks/gpu_check.py (eager rows for every suite shape,
+#       dtype, layout and pass; then torch.compile default / reduce-overhead rows while time is left)
 # Logs go under $OUT (default ./gpu-out; the device tool returns at most 8 files).
 set -u
 MODE=${1:-full}
@@ -60,6 +63,14 @@ case "$MODE" in
     host_profile
     suite 85 --no-compile
     ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh [full|tune|check]" >&2; exit 2 ;;
+  everyday)
+    { timeout 120 python -m pytest -n 8 -q -p no:cacheprovider tests/test_triton_launch.py \
+        tests/test_triton_backend.py tests/test_triton_compile.py; echo "rc=$?"
+      timeout 35 python -m pytest -q -p no:cacheprovider tests/test_toolchain.py -k cuda; echo "rc=$?"
+    } > "$OUT/tests_cuda.txt" 2>&1
+    timeout 300 python benchmarks/gpu_check.py --out "$OUT/gpu_suite" --deadline-s 285 \
+      > "$OUT/gpu_check.txt" 2>&1; echo "rc=$?" >> "$OUT/gpu_check.txt"
+    ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh [full|tune|check|everyday]" >&2; exit 2 ;;
 esac
 tail -n 3 "$OUT"/*.txt

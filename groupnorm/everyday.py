@@ -1,6 +1,6 @@
 """The everyday eager call, decided with each tensor question asked once.
 
-Most calls in a model are the same: a plain CPU tensor, an int ``num_groups`` that
+Most calls in a model are the same: a plain CPU or CUDA tensor, an int ``num_groups`` that
 divides C, weight and bias ``(C,)`` (tensors or ``nn.Parameter``) or None, no fused
 extras, nothing tracing or transforming the call. ``output`` recognises that call and
 runs it; anything else returns None and takes the general path in ``functional``, which
@@ -11,7 +11,8 @@ of the caches, and every tensor attribute costs 2-4 us instead of 0.1-0.2 (measu
 ``benchmarks/glue_cost.py``). The general path asks the same questions several times on
 its way down (validation, layout, eager checks, op layer, registry, launcher), ~30-50 us
 per call. Here shape, dtype, layout and element count are read once and handed to the
-backend's optional ``forward_known`` (see ``backends.numba_cpu.launch``).
+backend's optional ``forward_known`` (see ``backends.numba_cpu.launch`` and
+``backends.triton_gpu.known``).
 
 ``nn.Parameter`` weights (every module's) are read directly, here as on the general
 eager path: a Parameter's memory is a plain tensor's (its ``__torch_function__`` is
@@ -51,7 +52,7 @@ USABLE = _functorch_active is not None and _any_autocast is not None
 
 def output(x, num_groups, weight, bias, eps, activation):
     """y of ``group_norm(x, num_groups, weight, bias, eps, activation=activation)`` for
-    the everyday CPU call, or None when the call needs the general path (anything
+    the everyday CPU or CUDA call, or None when the call needs the general path (anything
     unusual, including every error case: the general path raises it)."""
     if _compiling():   # first: dynamo traces this function and stops at the checks below
         return None
@@ -64,13 +65,14 @@ def output(x, num_groups, weight, bias, eps, activation):
     shape = x.shape
     dtype = x.dtype
     dims = len(shape)
-    if dims < 2 or shape[1] % num_groups or dtype not in _FLOAT or not x.is_cpu:
+    is_cpu = x.is_cpu
+    if dims < 2 or shape[1] % num_groups or dtype not in _FLOAT or not (is_cpu or x.is_cuda):
         return None
     numel = x.numel()
     if numel == num_groups or numel == 0:
         return None
     channels = shape[1]
-    if not (_param_ok(weight, dtype, channels, x, True) and _param_ok(bias, dtype, channels, x, True)):
+    if not (_param_ok(weight, dtype, channels, x, is_cpu) and _param_ok(bias, dtype, channels, x, is_cpu)):
         return None
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         return None
@@ -86,7 +88,7 @@ def output(x, num_groups, weight, bias, eps, activation):
     if _dispatch_modes() or _functorch_active() or _any_autocast() or _tracing() or eager.forward_ad_on():
         return None
     eps = float(eps)
-    backend = registry.cpu_backend()
+    backend = registry.cpu_backend() if is_cpu else registry.backend_for("cuda")
     if _is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                or (bias is not None and bias.requires_grad)):
         if getattr(backend, "backward_known", None) is None:

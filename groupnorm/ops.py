@@ -294,3 +294,8 @@ forward.register_autograd(_backward_forward, setup_context=_setup_forward)
 from . import autocast as _autocast  # noqa: E402
 
 _autocast.register()
+
+# torch.compile launches the Triton kernels itself on CUDA tensors (see triton_registration).
+from . import triton_registration as _triton_registration  # noqa: E402
+
+_triton_registration.register()

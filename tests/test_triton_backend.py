@@ -49,6 +49,11 @@ def _set_path(monkeypatch, path):
     if path == "fused":  # one program per group, group in registers (defaults)
         return
     monkeypatch.setattr(plan, "FUSED_MAX_GROUP", 0)
+    if path == "group":  # one program per group, looping over it twice in small steps
+        monkeypatch.setattr(plan, "GROUP_BLOCK", 16)
+        monkeypatch.setattr(plan, "BACKWARD_TILE", 16)
+        return
+    monkeypatch.setattr(plan, "GROUP_MAX_GROUP", 0)
     monkeypatch.setattr(plan, "LOOP_BLOCK", 32)
     monkeypatch.setattr(plan, "REDUCE_TILE", 32)
     if path == "split":  # one program per group, looping over blocks
@@ -58,7 +63,7 @@ def _set_path(monkeypatch, path):
         monkeypatch.setattr(plan, "CPU_NUM_SMS", 64)
 
 
-PATHS = ["fused", "split", "split_stats"]
+PATHS = ["fused", "group", "split", "split_stats"]
 
 
 def _layout(x, channels_last):
@@ -146,7 +151,7 @@ def _check_contract(x, w, b, sc, sh, dy, num_groups, activation):
 
 
 def _check_backward_grads(x, w, b, sc, sh, dy, mean, rstd, num_groups, activation):
-    """backward_grads (three launches) against the reference stages + grad_terms in float64."""
+    """backward_grads (one or two launches) against the reference stages + grad_terms in float64."""
     from groupnorm import grad_terms
 
     xd, wd, bd, scd, shd, dyd = map(_d, (x, w, b, sc, sh, dy))
@@ -204,8 +209,8 @@ def test_epilogue(monkeypatch, activation, path):
 def test_flag_combinations(monkeypatch, path):
     """Each of HAS_WEIGHT / HAS_BIAS / HAS_SCALE / HAS_SHIFT on its own, and none."""
     _set_path(monkeypatch, path)
-    x, w, b, sc, sh, dy = _inputs((2, 6, 5, 7), 3, torch.float32, path == "split")
-    act = {"fused": "gelu_tanh", "split": "mish", "split_stats": "relu"}[path]
+    x, w, b, sc, sh, dy = _inputs((2, 6, 5, 7), 3, torch.float32, path in ("split", "group"))
+    act = {"fused": "gelu_tanh", "group": "silu", "split": "mish", "split_stats": "relu"}[path]
     for keep in ("w", "b", "sc", "sh", ""):
         args = [t if name == keep else None for t, name in zip((w, b, sc, sh), ("w", "b", "sc", "sh"))]
         _check_contract(x, *args, dy, 3, act if keep else "none")
@@ -255,11 +260,16 @@ def test_gradient_end_to_end(monkeypatch, channels_last, activation):
     torch.testing.assert_close(s0.cpu(), leaves[4].grad, rtol=1e-9, atol=1e-9)
 
 
-def test_default_plan_splits_a_large_group():
-    """A group above FUSED_MAX_GROUP takes the split path with the default constants."""
+def test_default_plan_of_a_group_above_registers():
+    """With the default constants a group above FUSED_MAX_GROUP takes the "group" path
+    (one full GROUP_BLOCK step and a partial one here), one above GROUP_MAX_GROUP the split
+    path over several programs."""
     shape, g = (1, 2, 64, 72), 1  # group of 9216 elements
     assert not plan.use_fused(2 * 64 * 72)
-    assert plan.split_plan(9216, 1, launch.num_sms(torch.device(DEVICE))).split > 1
+    sms = launch.num_sms(torch.device(DEVICE))
+    assert plan.forward_plan(plan.Shape(1, 2, 64 * 72, 1, False), sms).path == "group"
+    big = plan.forward_plan(plan.Shape(1, 2, plan.GROUP_MAX_GROUP, 1, False), sms)
+    assert big.path == "split" and big.split.split > 1
     x, w, b, sc, sh, dy = _inputs(shape, g, torch.float32, False)
     _check_contract(x, w, b, sc, sh, dy, g, "silu")
 
@@ -353,3 +363,13 @@ def test_split_plan_programs_per_sm_by_layout():
     cl = plan.split_plan(size, 32, 132, channels_last=True)
     assert 32 * nchw.split >= 132 * plan.WAVES_PER_SM_NCHW
     assert 132 * plan.WAVES_PER_SM <= 32 * cl.split < 32 * nchw.split
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_group_path_channels_last_every_dtype(monkeypatch, dtype):
+    """The one-program-per-group kernels (forward and backward) on channels-last input in
+    every dtype, with every epilogue piece (the contract cases reach channels-last on
+    this path in float32 only)."""
+    _set_path(monkeypatch, "group")
+    x, w, b, sc, sh, dy = _inputs((2, 6, 5, 7), 3, dtype, True, seed=7)
+    _check_contract(x, w, b, sc, sh, dy, 3, "gelu_tanh")

@@ -151,65 +151,101 @@ def dx_kernel(
 
 
 @triton.jit
-def finish_kernel(
-    p1_ptr,     # (N, SPLIT, C) partial sum(dz1 * xhat), ACC (reduce_partial_kernel's output)
-    p0_ptr,     # (N, SPLIT, C) partial sum(dz1), ACC
+def merge_dx_kernel(
+    dy_ptr,     # (N, C, *) upstream gradient, x's memory format
+    x_ptr,      # (N, C, *) input, NCHW or channels-last
+    dx_ptr,     # (N, C, *) input gradient out (unused without NEED_DX)
+    mean_ptr,   # (N, G) mean
+    rstd_ptr,   # (N, G) rstd
     w_ptr,      # (C,) weight (unused without HAS_WEIGHT)
     b_ptr,      # (C,) bias (unused without HAS_BIAS)
     scale_ptr,  # (N, C) scale (unused without HAS_SCALE)
-    sdx_ptr,    # (N, G) out: sum over the group of dxhat, ACC
-    sdxx_ptr,   # (N, G) out: sum over the group of dxhat * xhat, ACC
-    dw_ptr,     # (C,) out: dweight, weight's dtype (unused without HAS_WEIGHT)
-    db_ptr,     # (C,) out: dbias, bias's dtype (unused without HAS_BIAS)
-    ds_ptr,     # (N, C) out: dscale, scale's dtype (unused without HAS_SCALE)
-    dt_ptr,     # (N, C) out: dshift, shift's dtype (unused without HAS_SHIFT)
-    N, C, G, SPLIT,
-    CPG: tl.constexpr, BLOCK_CPG: tl.constexpr,
+    shift_ptr,  # (N, C) shift (unused without HAS_SHIFT)
+    p1_ptr,     # (N, SPLIT_R, C) partial sum(dz1 * xhat), ACC (reduce_partial_kernel's output)
+    p0_ptr,     # (N, SPLIT_R, C) partial sum(dz1), ACC
+    dw_ptr,     # (C,) out: dweight (unused without WANT_DW)
+    db_ptr,     # (C,) out: dbias (unused without WANT_DB)
+    ds_ptr,     # (N, C) out: dscale (unused without HAS_SCALE)
+    dt_ptr,     # (N, C) out: dshift (unused without HAS_SHIFT)
+    N, C, HW, G, group_size, stride_x_n, stride_x_c, CHUNK, SPLIT_R,
+    CPG: tl.constexpr, BLOCK_CPG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACC: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    NEED_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
 ):
-    """Everything between the partial sums and dx, in one launch (``grad_terms`` in Triton).
-
-    Program g owns the CPG channels of group g. Per sample n it sums the SPLIT partials in
-    the fixed order s = 0, 1, ... into A = sum_hw dz1 xhat and B = sum_hw dz1, then writes
-    the group terms dx needs (sum of gain * B and gain * A, gain = w (1 + scale)), dscale =
-    w A + b B and dshift = B; dweight = sum_n (1 + scale) A and dbias = sum_n (1 + scale) B
-    accumulate over n in order and are written once. Fixed orders: bitwise deterministic.
-    """
-    g = tl.program_id(0)
+    """The backward's second launch on the split path: program (row, s) merges its group's
+    per-channel partials (the SPLIT_R tiles of ``reduce_partial_kernel``, summed in the
+    fixed order s' = 0, 1, ...), forms the group terms and writes dx on its chunk; the
+    programs s = 0 also write dscale / dshift of (n, group g), and program (0, g, 0) sums
+    dweight / dbias of group g's channels over n in order. No atomics: the same bits on
+    every run. Two launches in all (the partials, this), where a separate finishing
+    kernel made three."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    n = row // G
+    g = row % G
     j = tl.arange(0, BLOCK_CPG)
-    mask = j < CPG
+    c_mask = j < CPG
     c = g * CPG + j
     w = tl.full([BLOCK_CPG], 1.0, ACC)
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(ACC)
-    b = tl.zeros([BLOCK_CPG], dtype=ACC)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + c, mask=mask, other=0.0).to(ACC)
-    dw = tl.zeros([BLOCK_CPG], dtype=ACC)
-    db = tl.zeros([BLOCK_CPG], dtype=ACC)
-    for n in range(0, N):
-        a_sum = tl.zeros([BLOCK_CPG], dtype=ACC)
-        b_sum = tl.zeros([BLOCK_CPG], dtype=ACC)
-        row = n * SPLIT * C  # partials and (N, C) arrays are far below 2^31 elements
-        for s in range(0, SPLIT):
-            a_sum += tl.load(p1_ptr + row + s * C + c, mask=mask, other=0.0)
-            b_sum += tl.load(p0_ptr + row + s * C + c, mask=mask, other=0.0)
-        nc = n * C + c
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    a_sum = tl.zeros([BLOCK_CPG], dtype=ACC)
+    b_sum = tl.zeros([BLOCK_CPG], dtype=ACC)
+    for r in range(0, SPLIT_R):
+        a_sum += tl.load(p1_ptr + (n * SPLIT_R + r) * C + c, mask=c_mask, other=0.0)
+        b_sum += tl.load(p0_ptr + (n * SPLIT_R + r) * C + c, mask=c_mask, other=0.0)
+    nc = n * C + c
+    k = tl.full([BLOCK_CPG], 1.0, ACC)
+    if HAS_SCALE:
+        k = 1.0 + tl.load(scale_ptr + nc, mask=c_mask, other=0.0).to(ACC)
+    if s == 0:
         if HAS_SCALE:
-            k = 1.0 + tl.load(scale_ptr + nc, mask=mask, other=0.0).to(ACC)
-            ka, kb = k * a_sum, k * b_sum
-        else:
-            ka, kb = a_sum, b_sum
-        tl.store(sdx_ptr + n * G + g, tl.sum(tl.where(mask, w * kb, 0.0), axis=0))
-        tl.store(sdxx_ptr + n * G + g, tl.sum(tl.where(mask, w * ka, 0.0), axis=0))
-        dw += ka
-        db += kb
-        if HAS_SCALE:
-            tl.store(ds_ptr + nc, (w * a_sum + b * b_sum).to(ds_ptr.dtype.element_ty), mask=mask)
+            bias = tl.zeros([BLOCK_CPG], dtype=ACC)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(ACC)
+            tl.store(ds_ptr + nc, (w * a_sum + bias * b_sum).to(ds_ptr.dtype.element_ty), mask=c_mask)
         if HAS_SHIFT:
-            tl.store(dt_ptr + nc, b_sum.to(dt_ptr.dtype.element_ty), mask=mask)
-    if HAS_WEIGHT:
-        tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=mask)
-    if HAS_BIAS:
-        tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=mask)
+            tl.store(dt_ptr + nc, b_sum.to(dt_ptr.dtype.element_ty), mask=c_mask)
+        if WANT_DW or WANT_DB:
+            if n == 0:
+                dw = tl.zeros([BLOCK_CPG], dtype=ACC)
+                db = tl.zeros([BLOCK_CPG], dtype=ACC)
+                for m in range(0, N):
+                    am = tl.zeros([BLOCK_CPG], dtype=ACC)
+                    bm = tl.zeros([BLOCK_CPG], dtype=ACC)
+                    for r in range(0, SPLIT_R):
+                        am += tl.load(p1_ptr + (m * SPLIT_R + r) * C + c, mask=c_mask, other=0.0)
+                        bm += tl.load(p0_ptr + (m * SPLIT_R + r) * C + c, mask=c_mask, other=0.0)
+                    km = tl.full([BLOCK_CPG], 1.0, ACC)
+                    if HAS_SCALE:
+                        km = 1.0 + tl.load(scale_ptr + m * C + c, mask=c_mask, other=0.0).to(ACC)
+                    dw += km * am
+                    db += km * bm
+                if WANT_DW:
+                    tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=c_mask)
+                if WANT_DB:
+                    tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=c_mask)
+    if NEED_DX:
+        base = n * stride_x_n + g * CPG * stride_x_c
+        mean = tl.load(mean_ptr + row).to(ACC)
+        rstd = tl.load(rstd_ptr + row).to(ACC)
+        inv_count = 1.0 / (tl.zeros((), dtype=ACC) + group_size)
+        mean_dxhat = tl.sum(tl.where(c_mask, w * k * b_sum, 0.0), axis=0) * inv_count
+        mean_dxhat_xhat = tl.sum(tl.where(c_mask, w * k * a_sum, 0.0), axis=0) * inv_count
+        for start in range(0, CHUNK, BLOCK):
+            i = s * CHUNK + start + tl.arange(0, BLOCK)
+            mask = i < group_size
+            offs, c_local = group_offsets(i, C, HW, CPG, CHANNELS_LAST)
+            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+            dz = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(ACC)
+            ce = g * CPG + c_local
+            xhat = (x - mean) * rstd
+            if ACTIVATION != 0:
+                z = pre_activation(xhat, n, ce, mask, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                   HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
+                dz = dz * activation_grad(z, ACTIVATION)
+            dxhat = dxhat_factor(dz, n, ce, mask, C, w_ptr, scale_ptr, HAS_WEIGHT, HAS_SCALE)
+            dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
+            tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

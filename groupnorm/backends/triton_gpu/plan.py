@@ -1,12 +1,25 @@
-"""Launch plans: block sizes, split counts and warps, chosen from shapes by plain Python.
+"""Launch plans: path, grid, block sizes, split counts and warps, from shapes by plain Python.
 
 No autotuning and no look at tensor values, so every op is CUDA-graph capturable and the
 same shape always runs the same programs (the reductions are bitwise deterministic).
 The module constants are the knobs; tests monkeypatch them so tiny shapes take each path.
+
+Paths. The forward and the whole backward pick the first path in ``FORWARD_PATHS`` /
+``BACKWARD_PATHS`` whose chooser returns a plan for the shape; a new path is a chooser
+function put in those tuples at the place of its priority, and a name its launcher
+dispatches on (``launch.forward`` / ``launch.backward_grads``).
+
+    forward   "fused"  one program per group, the group in registers      1 launch
+              "group"  one program per group, read twice (L2)             1 launch
+              "split"  split statistics, then the apply merging them      2 launches
+    backward  "group"  one program per group: sums then dx;               1 launch
+                       dweight/dbias summed over n by a second launch    +1 with weight/bias
+              "split"  tile partials, then their merge with dx            2 launches
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 # A group of at most this many elements is held in registers by one program: the fused
 # forward reads x once. Above it, statistics and apply are separate split passes.
@@ -28,6 +41,19 @@ WAVES_PER_SM_NCHW = 8
 CPU_NUM_SMS = 4
 # Elements of one backward_reduce tile [BLOCK_C, BLOCK_HW].
 REDUCE_TILE = 2048
+# The "group" paths take groups of at most this many elements: every SD 1.5 / SDXL UNet
+# group in the GPU suite (the largest, 640x64x64 / 32, is 81920) and every SD 1.5 UNet
+# group at 64x64 latents (960x64x64 / 32: 122880). Larger groups (VAE decoders, video,
+# SDXL's 128x128 latents) keep the split path, which spreads a group over many programs:
+# at batch 1 a program per group would leave most SMs idle where GPU time dominates.
+GROUP_MAX_GROUP = 1 << 17
+# Elements one "group" forward program loads per loop step (a power of two), and the
+# elements of one "group" backward tile [BLOCK_CPG, BLOCK_HW]: at batch 1 a program has
+# an SM to itself, so a step must keep many loads in flight.
+GROUP_BLOCK = 8192
+BACKWARD_TILE = 4096
+# Channels one param_sums_kernel program owns.
+PARAM_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -117,3 +143,121 @@ def reduce_plan(n: int, c: int, hw: int, channels_last: bool, num_sms: int) -> R
     split = cdiv(hw, chunk_hw)
     return ReducePlan(block_c=block_c, block_hw=block_hw, chunk_hw=chunk_hw, split=split,
                       num_warps=_warps(block_c * block_hw))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The facts every plan is chosen from: x as (N, C, HW), G groups, its layout."""
+    n: int
+    c: int
+    hw: int
+    g: int
+    channels_last: bool
+
+    @property
+    def cpg(self) -> int:
+        return self.c // self.g
+
+    @property
+    def group_size(self) -> int:
+        return self.c // self.g * self.hw
+
+    @property
+    def rows(self) -> int:
+        return self.n * self.g
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    path: str                       # a name in the module docstring's table
+    launches: int
+    grid: Tuple[int, ...]           # the first launch's grid
+    block: int                      # elements per program step (the group, for "fused")
+    num_warps: int
+    split: Optional[SplitPlan] = None   # "split": the plan both launches share
+    tile_c: int = 1                 # "group", NCHW: the apply's tile [tile_c, tile_hw]
+    tile_hw: int = 1
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    path: str
+    launches: int
+    grid: Tuple[int, ...]           # the first launch's grid
+    block_cpg: int = 0              # "group": tile [block_cpg, block_hw]
+    block_hw: int = 0
+    num_warps: int = 1
+
+
+def _fused_forward(s: Shape, num_sms: int) -> Optional[ForwardPlan]:
+    if not use_fused(s.group_size):
+        return None
+    p = fused_plan(s.group_size)
+    return ForwardPlan("fused", 1, (s.rows,), p.block, p.num_warps)
+
+
+def _group_forward(s: Shape, num_sms: int) -> Optional[ForwardPlan]:
+    if s.group_size > GROUP_MAX_GROUP:
+        return None
+    block = min(GROUP_BLOCK, next_power_of_2(s.group_size))
+    tile_hw = min(next_power_of_2(s.hw), block)
+    tile_c = 1 if s.channels_last else min(next_power_of_2(s.cpg), max(1, block // tile_hw))
+    return ForwardPlan("group", 1, (s.rows,), block, _warps(block), tile_c=tile_c,
+                       tile_hw=1 if s.channels_last else tile_hw)
+
+
+def _split_forward(s: Shape, num_sms: int) -> ForwardPlan:
+    p = split_plan(s.group_size, s.rows, num_sms, s.channels_last)
+    return ForwardPlan("split", 2, (s.rows, p.split), p.block, p.num_warps, p)
+
+
+FORWARD_PATHS: Tuple[Callable[[Shape, int], Optional[ForwardPlan]], ...] = (
+    _fused_forward, _group_forward, _split_forward)
+
+
+def forward_plan(s: Shape, num_sms: int) -> ForwardPlan:
+    """The forward's plan: the first path in FORWARD_PATHS that takes the shape."""
+    for choose in FORWARD_PATHS:
+        p = choose(s, num_sms)
+        if p is not None:
+            return p
+    raise AssertionError("the split path takes every shape")
+
+
+def _group_backward(s: Shape, num_sms: int, param_sums: bool) -> Optional[BackwardPlan]:
+    block_cpg = next_power_of_2(s.cpg)
+    if s.group_size > GROUP_MAX_GROUP or block_cpg > BACKWARD_TILE:
+        return None
+    block_hw = min(next_power_of_2(s.hw), max(1, BACKWARD_TILE // block_cpg))
+    return BackwardPlan("group", 1 + int(param_sums), (s.rows,), block_cpg, block_hw,
+                        _warps(block_cpg * block_hw))
+
+
+def _split_backward(s: Shape, num_sms: int, param_sums: bool) -> BackwardPlan:
+    r = reduce_plan(s.n, s.c, s.hw, s.channels_last, num_sms)
+    return BackwardPlan("split", 2, (s.n, cdiv(s.c, r.block_c), r.split), num_warps=r.num_warps)
+
+
+BACKWARD_PATHS: Tuple[Callable[[Shape, int, bool], Optional[BackwardPlan]], ...] = (
+    _group_backward, _split_backward)
+
+
+def backward_plan(s: Shape, num_sms: int, param_sums: bool = True) -> BackwardPlan:
+    """The whole backward's plan (``param_sums``: dweight or dbias is wanted)."""
+    for choose in BACKWARD_PATHS:
+        p = choose(s, num_sms, param_sums)
+        if p is not None:
+            return p
+    raise AssertionError("the split path takes every shape")
+
+
+def knobs() -> Tuple:
+    """Every module constant a plan reads: part of the launcher's plan memo key, so a
+    monkeypatched knob (the tests) is never answered by a plan made under another."""
+    return (FUSED_MAX_GROUP, LOOP_BLOCK, SPLIT_MIN_CHUNK, MAX_SPLIT, WAVES_PER_SM, WAVES_PER_SM_NCHW,
+            CPU_NUM_SMS, REDUCE_TILE, GROUP_MAX_GROUP, GROUP_BLOCK, BACKWARD_TILE, PARAM_BLOCK,
+            FORWARD_PATHS, BACKWARD_PATHS)
+
+
+def param_grid(c: int) -> Tuple[int]:
+    return (cdiv(c, PARAM_BLOCK),)

@@ -20,13 +20,14 @@ def fused_forward_kernel(
     b_ptr,      # (C,) bias (unused without HAS_BIAS)
     scale_ptr,  # (N, C) scale (unused without HAS_SCALE)
     shift_ptr,  # (N, C) shift (unused without HAS_SHIFT)
-    mean_ptr,   # (N, G) mean out, ACC
-    rstd_ptr,   # (N, G) rstd out, ACC
+    mean_ptr,   # (N, G) mean out, ACC (unused without WRITE_STATS)
+    rstd_ptr,   # (N, G) rstd out, ACC (unused without WRITE_STATS)
     C, HW, G, group_size, stride_x_n, stride_x_c, eps,
     CPG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
 ):
     """One program per (n, g) holds the whole group in registers: x is read once.
 
@@ -49,8 +50,9 @@ def fused_forward_kernel(
     d = tl.where(mask, xs - mean_s, 0.0)
     m2 = tl.sum(d * d, axis=0)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
-    tl.store(mean_ptr + row, pivot + mean_s)
-    tl.store(rstd_ptr + row, rstd)
+    if WRITE_STATS:
+        tl.store(mean_ptr + row, pivot + mean_s)
+        tl.store(rstd_ptr + row, rstd)
     c = g * CPG + c_local
     z = pre_activation(d * rstd, n, c, mask, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
                        HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
