@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import plan
+from . import onepass_launch, plan
 from .apply_kernels import apply_kernel
 from .backward_kernels import dx_kernel, finish_kernel, reduce_combine_kernel, reduce_partial_kernel
 from .epilogue_jit import ACTIVATION_CODES
@@ -142,6 +142,9 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activati
     mean = empty((lay.n, lay.g), acc, x.device)
     rstd = empty((lay.n, lay.g), acc, x.device)
     if not plan.use_fused(lay.group_size):
+        done = onepass_launch.forward(x, lay, *_params(x, weight, bias, scale, shift), eps, activation)
+        if done is not None:  # one pass over x (issue 26); else the split path below
+            return done
         # Two launches: partial statistics, then apply (which merges them and writes mean/rstd).
         p = _split_plan(x, lay)   # the same plan for both launches
         parts = _stats_partials(x, lay, p)
@@ -210,6 +213,11 @@ def backward_grads(dy, x, mean, rstd, weight, bias, scale, shift, num_groups: in
     dy = _same_layout(dy, lay)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     ptrs, flags = _params(x, weight, bias, scale, shift)
+    if need_dx and not plan.use_fused(lay.group_size):
+        done = onepass_launch.backward(dy, x, lay, mean, rstd, ptrs, flags, (weight, bias, scale, shift),
+                                       activation)
+        if done is not None:  # x and dy read once (issue 26); else the split path below
+            return done
     p = _reduce_plan(x, lay)
     p1, p0 = _reduce_partials(dy, x, lay, mean, rstd, ptrs, flags, activation, p, _scratch)
     acc = acc_dtype(x.dtype)
