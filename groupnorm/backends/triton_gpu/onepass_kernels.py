@@ -44,8 +44,8 @@ def row_barrier(bar_ptr, first, expected):
     publishes this program's partials; acquire on the poll makes the others' visible.
     """
     tl.debug_barrier()  # every thread's partial stores precede the arrival
-    if first:
-        inc = (2147483648 - expected + 1).to(tl.int32)
+    if first:  # in int64, truncated: the bit pattern 0x80000000 - (expected - 1)
+        inc = (2147483649 - (tl.zeros((), tl.int64) + expected)).to(tl.int32)
     else:
         inc = tl.full((), 1, tl.int32)
     old = tl.atomic_add(bar_ptr, inc, sem="release", scope="gpu")

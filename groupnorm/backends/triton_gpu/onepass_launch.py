@@ -62,6 +62,11 @@ def _barrier_words(device: torch.device, rows: int):
     return words
 
 
+def scratch(shape, dtype, device):
+    """Internal partials, fully written before they are read (tests fill them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def launch_cooperative(kernel, grid, args, kwargs):
     """The PHASE 0 launch: all programs resident or a launch error, never a deadlock."""
     kernel[grid](*args, launch_cooperative_grid=True, **kwargs)
@@ -123,7 +128,7 @@ def forward(x, lay, ptrs, flags, eps: float, activation: str):
     y = launch.empty_like(x)
     mean = launch.empty((lay.n, lay.g), acc, x.device)
     rstd = launch.empty((lay.n, lay.g), acc, x.device)
-    parts = torch.empty((3, lay.rows, p.split), dtype=acc, device=x.device)
+    parts = scratch((3, lay.rows, p.split), acc, x.device)
     args = (x, y, *ptrs, mean, rstd, parts, bar,
             lay.c, lay.hw, lay.g, lay.g // p.span_g, *_strides(lay), p.rows, p.split, p.waves,
             lay.rows * p.split, eps)
@@ -152,8 +157,8 @@ def backward(dy, x, lay, mean, rstd, ptrs, flags, params, activation: str):
             return None
     acc, acc_tl = _acc(x.dtype)
     dx = launch.empty_like(x)
-    chan = torch.empty((2, lay.n, p.split, lay.c), dtype=acc, device=x.device)
-    grp = torch.empty((2, lay.rows, p.split), dtype=acc, device=x.device)
+    chan = scratch((2, lay.n, p.split, lay.c), acc, x.device)
+    grp = scratch((2, lay.rows, p.split), acc, x.device)
     args = (dy, x, dx, mean, rstd, *ptrs, chan, grp, bar,
             lay.c, lay.hw, lay.g, lay.g // p.span_g, *_strides(lay), p.rows, p.split, p.waves,
             lay.n * p.split * lay.c, lay.rows * p.split, lay.group_size)
