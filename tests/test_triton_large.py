@@ -233,6 +233,7 @@ def _split_path(monkeypatch, args, groups):
         return y + tuple(tg.backward_grads(args[5], args[0], y[1], y[2], *args[1:5], groups, "silu", True))
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="CUDA has cooperative launches")
 def test_falls_back_where_no_cooperative_launch(monkeypatch):
     """"auto" on a device without cooperative launches (the interpreter's CPU) is today's split path."""
     args = _inputs((2, 8, 5, 7), torch.float32, False)
@@ -241,9 +242,8 @@ def test_falls_back_where_no_cooperative_launch(monkeypatch):
     called = []
     monkeypatch.setattr(onepass_launch, "_run", lambda *a: called.append(a) or True)
     got = _check(*args, 4, "silu")
-    assert not called or DEVICE == "cuda"
-    if DEVICE == "cpu":
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not called
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_falls_back_when_the_cooperative_launch_is_refused(monkeypatch):
@@ -256,7 +256,7 @@ def test_falls_back_when_the_cooperative_launch_is_refused(monkeypatch):
         raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
 
     monkeypatch.setattr(onepass_launch, "_phases", lambda device: (0,))
-    monkeypatch.setattr(onepass_launch, "_barrier_words", lambda device, rows: torch.zeros(64, dtype=torch.int32))
+    monkeypatch.setattr(onepass_launch, "_barrier_words", lambda device, rows: torch.zeros(64, dtype=torch.int32, device=DEVICE))
     monkeypatch.setattr(onepass_launch, "launch_cooperative", refuse)
     got = _check(*args, 4, "silu")
     assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -272,3 +272,48 @@ def test_falls_back_when_the_cooperative_launch_is_refused(monkeypatch):
     onepass_launch._too_large.clear()
     with pytest.raises(RuntimeError, match="illegal memory access"):
         tg.forward(*args[:5], 4, EPS, "silu")
+
+
+# The plan on an H100-sized device (132 SMs, 50 MB L2) with the shipped knobs: pure Python.
+KNOBS = ("TILE", "TILE_BWD", "RESIDENT_PER_SM", "SPAN_MIN_BYTES", "L2_SHARE", "FORCE_WIDE")
+SHIPPED = {name: getattr(onepass_plan, name) for name in KNOBS}
+LARGE_SHAPES = [(1, 512, 128, 128), (1, 512, 256, 256), (1, 128, 512, 512), (1, 256, 1024, 1024),
+                (1, 128, 17 * 128 * 128), (8, 512, 64, 64), (2, 320, 96, 96), (1, 2, 2**30 + 4099)]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_plan_on_a_large_device(monkeypatch, shape, channels_last, backward):
+    for name, value in SHIPPED.items():
+        monkeypatch.setattr(onepass_plan, name, value)
+    n, c = shape[:2]
+    hw = 1
+    for d in shape[2:]:
+        hw *= d
+    g = 32 if c >= 32 else c
+    sms, l2, eb = 132, 50 << 20, 2
+    p = onepass_plan.onepass_plan(n, c, hw, g, channels_last, eb, sms, l2, backward)
+    tile = onepass_plan.TILE_BWD if backward else onepass_plan.TILE
+    assert p.grid <= sms * onepass_plan.RESIDENT_PER_SM          # all resident: the barrier is safe
+    assert p.block_c * p.block_hw <= tile and p.block_c >= p.span_g * (c // g)
+    span = p.k * p.block_hw
+    assert p.split * span >= hw > (p.split - 1) * span           # every pixel, no empty program
+    assert p.rows == n * g // p.span_g and g % p.span_g == 0
+    assert p.rows_per_wave * p.waves >= p.rows > (p.waves - 1) * p.rows_per_wave
+    span_bytes = p.span_g * (c // g) * eb
+    assert not channels_last or span_bytes >= onepass_plan.SPAN_MIN_BYTES or p.span_g == g
+    if p.k > 1:  # streamed: a wave's data fits the L2 share (or one row is all there is)
+        row_bytes = span_bytes * hw * (2 if backward else 1)
+        assert p.rows_per_wave == 1 or p.rows_per_wave * row_bytes <= onepass_plan.L2_SHARE * l2
+    assert p.wide == (c * hw >= 2**31)
+
+
+def test_plan_holds_mid_sizes_and_streams_the_largest(monkeypatch):
+    for name, value in SHIPPED.items():
+        monkeypatch.setattr(onepass_plan, name, value)
+    assert onepass_plan.onepass_plan(1, 512, 128 * 128, 32, False, 2, 132, 50 << 20, False).k == 1
+    big = onepass_plan.onepass_plan(1, 256, 1024 * 1024, 32, False, 2, 132, 50 << 20, False)
+    assert big.k > 1 and big.rows_per_wave == 1  # a 16 MB group: one group per wave, in L2
+    cl = onepass_plan.onepass_plan(1, 512, 128 * 128, 32, True, 2, 132, 50 << 20, False)
+    assert cl.span_g * 16 * 2 >= 128 and cl.block_c == cl.span_g * 16

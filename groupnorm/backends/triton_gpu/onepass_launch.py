@@ -20,7 +20,7 @@ from .onepass_bwd_kernels import onepass_backward_kernel, param_grads_kernel
 MODE = "auto"
 # Plans whose cooperative launch failed (grid larger than what is resident): not retried.
 _too_large: set = set()
-# (device index, stream) -> zeroed int32 barrier words, grown on demand outside capture.
+# (device index, stream) -> zeroed int32 barrier words, grown on demand.
 _barriers: dict = {}
 
 
@@ -47,18 +47,18 @@ def _phases(device: torch.device):
 
 
 def _barrier_words(device: torch.device, rows: int):
-    """Zeroed int32 words reused by every launch on this stream (they reset themselves).
-    None while a CUDA graph is being captured and the words do not exist yet: allocating
-    inside a capture would tie them to the graph's memory pool."""
+    """Zeroed int32 words, one per row. Outside a CUDA-graph capture: kept per stream and
+    reused by every launch on it (they reset themselves; two streams never share words).
+    Inside a capture: fresh words whose zeroing is captured with the kernel (cached words
+    allocated there would belong to the graph's pool and start unzeroed outside it)."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(max(rows, 1), dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device)
     key = (device.index, stream.cuda_stream)
     words = _barriers.get(key)
-    if words is not None and words.numel() >= rows:
-        return words
-    if torch.cuda.is_current_stream_capturing():
-        return None
-    words = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
-    _barriers[key] = words
+    if words is None or words.numel() < rows:
+        words = torch.zeros(max(rows, 1024), dtype=torch.int32, device=device)
+        _barriers[key] = words
     return words
 
 
@@ -69,7 +69,7 @@ def scratch(shape, dtype, device):
 
 def launch_cooperative(kernel, grid, args, kwargs):
     """The PHASE 0 launch: all programs resident or a launch error, never a deadlock."""
-    kernel[grid](*args, launch_cooperative_grid=True, **kwargs)
+    return kernel[grid](*args, launch_cooperative_grid=True, **kwargs)
 
 
 def _is_too_large(err: Exception) -> bool:
@@ -122,8 +122,6 @@ def forward(x, lay, ptrs, flags, eps: float, activation: str):
     bar = x
     if 0 in phases:
         bar = _barrier_words(x.device, p.rows)
-        if bar is None:
-            return None
     acc, acc_tl = _acc(x.dtype)
     y = launch.empty_like(x)
     mean = launch.empty((lay.n, lay.g), acc, x.device)
@@ -153,8 +151,6 @@ def backward(dy, x, lay, mean, rstd, ptrs, flags, params, activation: str):
     bar = x
     if 0 in phases:
         bar = _barrier_words(x.device, p.rows)
-        if bar is None:
-            return None
     acc, acc_tl = _acc(x.dtype)
     dx = launch.empty_like(x)
     chan = scratch((2, lay.n, p.split, lay.c), acc, x.device)
