@@ -256,7 +256,8 @@ def test_falls_back_when_the_cooperative_launch_is_refused(monkeypatch):
         raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
 
     monkeypatch.setattr(onepass_launch, "_phases", lambda device: (0,))
-    monkeypatch.setattr(onepass_launch, "_barrier_words", lambda device, rows: torch.zeros(64, dtype=torch.int32, device=DEVICE))
+    words = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(onepass_launch, "_barrier_words", lambda device, rows: words)
     monkeypatch.setattr(onepass_launch, "launch_cooperative", refuse)
     got = _check(*args, 4, "silu")
     assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue_jit import activation, activation_grad
+from .epilogue_jit import activation
 
 
 @triton.jit
