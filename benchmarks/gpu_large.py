@@ -218,13 +218,18 @@ def bench(dtypes, formats, use_compile_dtypes, cases) -> None:
                       f"{len(onepass_launch._too_large)} -->", flush=True)
 
 
+TUNE_SHAPES = [(1, 512, 256, 256), (1, 256, 1024, 1024)]
+
+
 def tune() -> None:
     """Forward and fwd+bwd time of the barrier kernels under knob variants, with registers."""
     from groupnorm.bench.timing import time_fn
 
-    variants = [dict(), dict(TILE=16384), dict(TILE=16384, RESIDENT_PER_SM=1), dict(TILE=4096, RESIDENT_PER_SM=4),
-                dict(SPAN_MIN_BYTES=1 << 30), dict(TILE_BWD=8192), dict(TILE_BWD=2048, RESIDENT_PER_SM=4)]
-    for shape in [(1, 512, 256, 256), (1, 256, 1024, 1024)]:
+    variants = [dict(), dict(MIN_ROWS_PER_WAVE=1), dict(TILE=16384, TILE_BWD=8192),
+                dict(TILE=16384, TILE_BWD=8192, RESIDENT_PER_SM=1), dict(TILE=4096, TILE_BWD=2048, RESIDENT_PER_SM=4),
+                dict(SPAN_MIN_BYTES=1 << 30)]
+    props = torch.cuda.get_device_properties(0)
+    for shape in TUNE_SHAPES:
         for cl in (False, True):
             args = _inputs(shape, torch.float16, cl)
             x, w, b, _, _, dy = args
@@ -244,7 +249,11 @@ def tune() -> None:
                                                                True), DEV, warmup=2, min_runs=10, max_runs=50,
                                      budget_s=0.3)
                         bregs = cc.regs()
+                    n, c = shape[:2]
+                    pf = onepass_plan.onepass_plan(n, c, x.numel() // (n * c), 32, cl, 2,
+                                                   props.multi_processor_count, props.L2_cache_size)
                     print(f"| {'x'.join(map(str, shape))} | {'cl' if cl else 'nchw'} | {var or 'shipped'} | "
+                          f"fwd plan k {pf.k} split {pf.split} waves {pf.waves} span {pf.span_g} | "
                           f"fwd {f.median_us:.1f} us ({2 * nbytes / f.median_s / 1e9:.0f} GB/s) regs {fregs} | "
                           f"bwd {bw.median_us:.1f} us ({3 * nbytes / bw.median_s / 1e9:.0f} GB/s) regs {bregs} | "
                           f"refused {len(onepass_launch._too_large)} |", flush=True)

@@ -64,7 +64,7 @@ case "$MODE" in
     ;;
   large)  # issue 26, one-pass kernels for large groups (~8 min); see benchmarks/gpu_large.py
     L="python benchmarks/gpu_large.py"
-    { timeout 60 python -m pytest -n 8 -q -p no:cacheprovider tests/test_triton_large.py; echo "rc=$?"; } \
+    { timeout 45 python -m pytest -n 8 -q -p no:cacheprovider tests/test_triton_large.py; echo "rc=$?"; } \
       > "$OUT/large_tests.txt" 2>&1
     { timeout 80 $L check; echo "rc=$?"; } > "$OUT/large_check.txt" 2>&1
     { timeout 140 $L bench --dtypes float16; echo "rc=$?"; } > "$OUT/large_bench.txt" 2>&1
@@ -73,7 +73,7 @@ case "$MODE" in
       > "$OUT/large_huge.txt" 2>&1
     { timeout 45 $L bench --dtypes bfloat16,float32 --compile-dtypes "" --cases 512x256x256,256x1024x1024,video; \
       echo "rc=$?"; } >> "$OUT/large_bench.txt" 2>&1
-    { timeout 35 $L tune; echo "rc=$?"; } > "$OUT/large_tune.txt" 2>&1
+    { timeout 50 $L tune; echo "rc=$?"; } > "$OUT/large_tune.txt" 2>&1
     if command -v ncu > /dev/null; then
       { timeout 30 ncu --kernel-name regex:onepass_forward --launch-skip 1 --launch-count 1 --metrics \
           dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \

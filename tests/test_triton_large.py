@@ -123,15 +123,15 @@ def _check(x, w, b, sc, sh, dy, groups, activation):
     return (y, mean, rstd) + tuple(t for t in got if t is not None)
 
 
-# (shape, groups, channels_last): NCHW with a power-of-two and an odd C/G; channels-last
+# (shape, groups, channels_last): NCHW with a power-of-two and an odd C/G (3-D); channels-last
 # with spans of 2 groups (of 4), of all 6 groups in float16 (a masked span: 8 lanes, 16
-# channels for 12) or one group in float64, and all of C.
+# channels for 12) or one group in float64, and all of C (5-D).
 CASES = [
     ((2, 8, 5, 7), 4, False),
-    ((1, 12, 6, 9), 4, False),
+    ((1, 12, 54), 4, False),
     ((2, 8, 5, 7), 4, True),
     ((1, 12, 4, 9), 6, True),
-    ((2, 6, 9, 5), 2, True),
+    ((2, 6, 3, 3, 5), 2, True),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -172,13 +172,15 @@ def test_spans_and_plans_the_cases_take():
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
 def test_epilogue_without_affine_or_scale(activation):
-    x, w, b, sc, sh, dy = _inputs((2, 8, 5, 7), torch.float32, True)
-    _check(x, None, None, None, None, dy, 4, activation)
-    _check(x, w, None, sc, None, dy, 4, activation)
+    x, w, b, sc, sh, dy = _inputs((1, 8, 5, 7), torch.float32, activation == "relu")
+    if activation == "relu":
+        _check(x, w, None, sc, None, dy, 4, activation)
+    else:
+        _check(x, None, None, None, None, dy, 4, activation)
 
 
 def test_bitwise_repeatable_and_wide_offsets_agree(monkeypatch):
-    args = _inputs((1, 12, 6, 9), torch.float32, False)
+    args = _inputs((1, 8, 5, 7), torch.float32, False)
     first = _check(*args, 4, "silu")
     again = _check(*args, 4, "silu")
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -308,6 +310,12 @@ def test_plan_on_a_large_device(monkeypatch, shape, channels_last, backward):
         row_bytes = span_bytes * hw * (2 if backward else 1)
         assert p.rows_per_wave == 1 or p.rows_per_wave * row_bytes <= onepass_plan.L2_SHARE * l2
     assert p.wide == (c * hw >= 2**31)
+
+
+def test_groups_wider_than_a_tile_take_the_split_path():
+    assert onepass_plan.onepass_plan(2, 512, 1, 2, False, 4, 4, 1 << 20) is None  # C/G = 256 > TILE
+    x, w, b, sc, sh, dy = _inputs((2, 512, 1, 1), torch.float32, False)
+    _check(x, w, b, sc, sh, dy, 2, "silu")
 
 
 def test_plan_holds_mid_sizes_and_streams_the_largest(monkeypatch):

@@ -21,6 +21,10 @@ RESIDENT_PER_SM = 2
 # Channels-last: a span of whole groups at least this many bytes wide per pixel (full
 # 32-byte sectors, and vector loads), whole C at most.
 SPAN_MIN_BYTES = 128
+# Rows a wave aims to cover: with one row per wave every wave is a chip-wide barrier (a
+# load-latency bubble and a barrier round trip per few MB); several rows per wave drift
+# apart and overlap, at the price of streaming (K > 1, a second read from L2).
+MIN_ROWS_PER_WAVE = 4
 # Streamed waves (a group too large for the chip) keep their data within this share of
 # L2, so the apply pass re-reads it from L2.
 L2_SHARE = 0.6
@@ -73,16 +77,22 @@ def onepass_plan(n: int, c: int, hw: int, g: int, channels_last: bool, elem_byte
     if span_g == 0:
         return None
     block_c = next_power_of_2(span_g * cpg)
+    if block_c > tile:  # one group's channels exceed a tile (HW tiny, C/G huge): split path
+        return None
     block_hw = max(1, min(next_power_of_2(hw), tile // block_c))
     tiles = cdiv(hw, block_hw)
     rows = n * (g // span_g)
     capacity = max(1, num_sms * RESIDENT_PER_SM)
-    k = cdiv(tiles, capacity)           # > 1: the row does not fit on chip at once
-    split = cdiv(tiles, k)
-    rows_per_wave = max(1, capacity // split)
-    if k > 1:  # keep a wave's data within L2 so the second read hits it
+    want_rows = max(1, min(rows, MIN_ROWS_PER_WAVE))
+    k = cdiv(tiles, max(1, capacity // want_rows))   # > 1: streamed, re-read from L2
+    fit = rows
+    if k > 1:  # a wave's data must stay within the L2 share so the second read hits it
         row_bytes = span_g * cpg * hw * elem_bytes * (2 if backward else 1)
-        rows_per_wave = max(1, min(rows_per_wave, int(L2_SHARE * l2_bytes) // max(row_bytes, 1)))
+        fit = max(1, int(L2_SHARE * l2_bytes) // max(row_bytes, 1))
+        if fit < want_rows:  # fewer rows per wave, so more programs for each
+            k = cdiv(tiles, max(1, capacity // fit))
+    split = cdiv(tiles, k)
+    rows_per_wave = max(1, min(capacity // split, fit))
     waves = cdiv(rows, rows_per_wave)
     rows_per_wave = cdiv(rows, waves)   # balanced waves, no idle tail programs
     elements = block_c * block_hw
