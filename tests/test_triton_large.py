@@ -248,6 +248,29 @@ def test_falls_back_where_no_cooperative_launch(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_refused_launch_retries_with_fewer_programs_per_sm(monkeypatch):
+    """Occupancy below RESIDENT_PER_SM: the plan one step down runs (here the barrier launch
+    is stood in for by the pair, which the interpreter can run)."""
+    grids = []
+
+    def fits_one_per_sm(kernel, grid, args, kwargs):
+        grids.append(grid[0])
+        if grid[0] > plan.CPU_NUM_SMS:
+            raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+        for phase in (1, 2):
+            kernel[grid](*args, **dict(kwargs, PHASE=phase))
+
+    monkeypatch.setattr(onepass_launch, "_phases", lambda device: (0,))
+    words = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(onepass_launch, "_barrier_words", lambda device, rows: words)
+    monkeypatch.setattr(onepass_launch, "launch_cooperative", fits_one_per_sm)
+    x, w, b, sc, sh, dy = _inputs((2, 8, 5, 7), torch.float32, False)
+    _check(x, w, b, sc, sh, dy, 4, "silu")
+    assert grids == [8, 4, 8, 4]  # forward, backward: refused at 2 per SM, run at 1
+    _check(x, w, b, sc, sh, dy, 4, "silu")
+    assert grids[4:] == [4, 4]  # the refused plans are not tried again
+
+
 def test_falls_back_when_the_cooperative_launch_is_refused(monkeypatch):
     args = _inputs((2, 8, 5, 7), torch.float32, False)
     want = _split_path(monkeypatch, args, 4)
@@ -264,9 +287,9 @@ def test_falls_back_when_the_cooperative_launch_is_refused(monkeypatch):
     got = _check(*args, 4, "silu")
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     n_tries = len(tries)
-    assert n_tries == 2  # forward and backward each tried once...
+    assert n_tries == 4  # forward and backward, each at 2 then 1 programs per SM...
     _check(*args, 4, "silu")
-    assert len(tries) == n_tries  # ...and not again for the same plan
+    assert len(tries) == n_tries  # ...and not again for the same plans
 
     def broken(*a):
         raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")

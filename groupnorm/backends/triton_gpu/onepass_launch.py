@@ -80,10 +80,20 @@ def _acc(dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _plan(x, lay, backward: bool):
+def _plans(x, lay, backward: bool, ladder: bool):
+    """Plans to try in order: RESIDENT_PER_SM programs per SM, then fewer (a cooperative
+    launch refused for the compiled kernel's occupancy is retried one step down)."""
     sms, l2, _ = _facts(x.device)
-    return onepass_plan.onepass_plan(lay.n, lay.c, lay.hw, lay.g, lay.channels_last, x.element_size(),
-                                     sms, l2, backward)
+    top = max(1, onepass_plan.RESIDENT_PER_SM)
+    seen = set()
+    for resident in (range(top, 0, -1) if ladder else (top,)):
+        p = onepass_plan.onepass_plan(lay.n, lay.c, lay.hw, lay.g, lay.channels_last, x.element_size(),
+                                      sms, l2, backward, resident)
+        if p is None:
+            return
+        if p not in seen:
+            seen.add(p)
+            yield p
 
 
 def _strides(lay):
@@ -116,26 +126,28 @@ def forward(x, lay, ptrs, flags, eps: float, activation: str):
     from . import launch  # its allocators (tests swap them for NaN-filled ones)
 
     phases = _phases(x.device)
-    p = _plan(x, lay, backward=False) if phases else None
-    if p is None:
+    if not phases:
         return None
-    bar = x
-    if 0 in phases:
-        bar = _barrier_words(x.device, p.rows)
     acc, acc_tl = _acc(x.dtype)
-    y = launch.empty_like(x)
-    mean = launch.empty((lay.n, lay.g), acc, x.device)
-    rstd = launch.empty((lay.n, lay.g), acc, x.device)
-    parts = scratch((3, lay.rows, p.split), acc, x.device)
-    args = (x, y, *ptrs, mean, rstd, parts, bar,
-            lay.c, lay.hw, lay.g, lay.g // p.span_g, *_strides(lay), p.rows, p.split, p.waves,
-            lay.rows * p.split, eps)
-    kwargs = dict(CPG=lay.cpg, SPAN_G=p.span_g, K=p.k, WIDE=p.wide, **flags,
-                  ACTIVATION=ACTIVATION_CODES[activation], ACC=acc_tl, BLOCK_C=p.block_c,
-                  BLOCK_HW=p.block_hw, BLOCK_G=p.block_g, BLOCK_S=p.block_s, num_warps=p.num_warps)
-    if not _run(onepass_forward_kernel, x, p, phases, args, kwargs):
-        return None
-    return y, mean, rstd
+    outs = None
+    for p in _plans(x, lay, False, 0 in phases):
+        if outs is None:
+            outs = (launch.empty_like(x), launch.empty((lay.n, lay.g), acc, x.device),
+                    launch.empty((lay.n, lay.g), acc, x.device))
+        bar = _barrier_words(x.device, p.rows) if 0 in phases else x
+        parts = scratch((3, lay.rows, p.split), acc, x.device)
+        args = (x, outs[0], *ptrs, outs[1], outs[2], parts, bar,
+                lay.c, lay.hw, lay.g, lay.g // p.span_g, *_strides(lay), p.rows, p.split, p.waves,
+                lay.rows * p.split, eps)
+        if _run(onepass_forward_kernel, x, p, phases, args, _constexprs(p, lay, flags, activation, acc_tl)):
+            return outs
+    return None
+
+
+def _constexprs(p, lay, flags, activation: str, acc_tl):
+    return dict(CPG=lay.cpg, SPAN_G=p.span_g, K=p.k, WIDE=p.wide, **flags,
+                ACTIVATION=ACTIVATION_CODES[activation], ACC=acc_tl, BLOCK_C=p.block_c,
+                BLOCK_HW=p.block_hw, BLOCK_G=p.block_g, BLOCK_S=p.block_s, num_warps=p.num_warps)
 
 
 def backward(dy, x, lay, mean, rstd, ptrs, flags, params, activation: str):
@@ -145,24 +157,27 @@ def backward(dy, x, lay, mean, rstd, ptrs, flags, params, activation: str):
     from . import launch
 
     phases = _phases(x.device)
-    p = _plan(x, lay, backward=True) if phases else None
-    if p is None:
+    if not phases:
         return None
-    bar = x
-    if 0 in phases:
-        bar = _barrier_words(x.device, p.rows)
     acc, acc_tl = _acc(x.dtype)
-    dx = launch.empty_like(x)
-    chan = scratch((2, lay.n, p.split, lay.c), acc, x.device)
-    grp = scratch((2, lay.rows, p.split), acc, x.device)
-    args = (dy, x, dx, mean, rstd, *ptrs, chan, grp, bar,
-            lay.c, lay.hw, lay.g, lay.g // p.span_g, *_strides(lay), p.rows, p.split, p.waves,
-            lay.n * p.split * lay.c, lay.rows * p.split, lay.group_size)
-    kwargs = dict(CPG=lay.cpg, SPAN_G=p.span_g, K=p.k, WIDE=p.wide, **flags,
-                  ACTIVATION=ACTIVATION_CODES[activation], ACC=acc_tl, BLOCK_C=p.block_c,
-                  BLOCK_HW=p.block_hw, BLOCK_G=p.block_g, BLOCK_S=p.block_s, num_warps=p.num_warps)
-    if not _run(onepass_backward_kernel, x, p, phases, args, kwargs):
-        return None
+    dx = None
+    for p in _plans(x, lay, True, 0 in phases):
+        dx = launch.empty_like(x) if dx is None else dx
+        bar = _barrier_words(x.device, p.rows) if 0 in phases else x
+        chan = scratch((2, lay.n, p.split, lay.c), acc, x.device)
+        grp = scratch((2, lay.rows, p.split), acc, x.device)
+        args = (dy, x, dx, mean, rstd, *ptrs, chan, grp, bar,
+                lay.c, lay.hw, lay.g, lay.g // p.span_g, *_strides(lay), p.rows, p.split, p.waves,
+                lay.n * p.split * lay.c, lay.rows * p.split, lay.group_size)
+        if _run(onepass_backward_kernel, x, p, phases, args, _constexprs(p, lay, flags, activation, acc_tl)):
+            return (dx, *_param_grads(x, lay, p, chan, ptrs, flags, params, acc_tl))
+    return None
+
+
+def _param_grads(x, lay, p, chan, ptrs, flags, params, acc_tl):
+    """dweight, dbias, dscale, dshift (None where absent) from the per-channel partials."""
+    from . import launch
+
     grads = [None if t is None else launch.empty(t.shape, t.dtype, x.device) for t in params]
     if any(t is not None for t in grads):
         outs = [x if t is None else t for t in grads]
@@ -171,4 +186,4 @@ def backward(dy, x, lay, mean, rstd, ptrs, flags, params, activation: str):
         param_grads_kernel[(plan.cdiv(lay.c, block_c),)](
             chan[0], chan[1], ptrs[0], ptrs[1], ptrs[2], *outs, lay.n, lay.c, p.split,
             **flags, ACC=acc_tl, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
-    return (dx, *grads)
+    return grads
