@@ -53,11 +53,12 @@ def small_onepass(monkeypatch):
 
 # Plans the cases take (with the fixture's knobs): "hold" keeps each tile across the merge,
 # several programs per group, rows in waves; "stream" makes rows larger than the grid (K > 1,
-# the second read) with one row per wave (L2 budget); "wide" forces int64 offsets.
+# the second read) with one row per wave (L2 budget); "wide" forces int64 offsets and merges
+# the partials one at a time (the chunked merge's loop).
 CONFIGS = {
     "hold": {},
     "stream": {"TILE": 32, "RESIDENT_PER_SM": 1, "CPU_L2_BYTES": 64, "CPU_NUM_SMS": 2},
-    "wide": {"FORCE_WIDE": True},
+    "wide": {"FORCE_WIDE": True, "MERGE_TILE": 1, "MERGE_MIN": 1},
 }
 
 
@@ -157,6 +158,8 @@ def test_against_reference(monkeypatch, shape, groups, channels_last, dtype, con
     assert p.split > 1  # several programs share each group
     if config == "stream":
         assert p.k > 1 and p.rows_per_wave == 1 and p.waves == p.rows
+    if config == "wide":
+        assert p.wide and p.merge_s == 1
     _check(*_inputs(shape, dtype, channels_last), groups, activation)
 
 

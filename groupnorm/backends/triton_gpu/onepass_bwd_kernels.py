@@ -40,7 +40,7 @@ def _backward_row(
     CPG: tl.constexpr, SPAN_G: tl.constexpr, K: tl.constexpr, PHASE: tl.constexpr, WIDE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     SPAN_C = SPAN_G * CPG
     n, sp, grows, gmask, onehot, cl, cmask = _row_groups(row, NSPAN, G, CPG, SPAN_G, BLOCK_C, BLOCK_G)
@@ -83,12 +83,17 @@ def _backward_row(
     if PHASE == 0:
         row_barrier(bar_ptr + row, s == 0, SPLIT)
     if PHASE != 1:
-        si = tl.arange(0, BLOCK_S)
-        m = gmask[:, None] & (si < SPLIT)[None, :]
-        p = grp_ptr + grows[:, None] * SPLIT + si[None, :]
+        sdxx = tl.zeros([BLOCK_G], ACC)
+        sdx = tl.zeros([BLOCK_G], ACC)
+        for s0 in range(0, SPLIT, MERGE_S):  # fixed order, MERGE_S partials at a time
+            si = s0 + tl.arange(0, MERGE_S)
+            m = gmask[:, None] & (si < SPLIT)[None, :]
+            p = grp_ptr + grows[:, None] * SPLIT + si[None, :]
+            sdxx += tl.sum(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), axis=1)
+            sdx += tl.sum(tl.load(p + grp_stride, mask=m, other=0.0, cache_modifier=".cg"), axis=1)
         inv_count = 1.0 / tl.maximum(tl.zeros((), ACC) + count, 1.0)
-        sdxx = tl.sum(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), axis=1) * inv_count
-        sdx = tl.sum(tl.load(p + grp_stride, mask=m, other=0.0, cache_modifier=".cg"), axis=1) * inv_count
+        sdxx = sdxx * inv_count
+        sdx = sdx * inv_count
         mdx = groups_to_channels(sdx, onehot)[:, None]
         mdxx = groups_to_channels(sdxx, onehot)[:, None]
         if K == 1:
@@ -121,7 +126,7 @@ def onepass_backward_kernel(
     CPG: tl.constexpr, SPAN_G: tl.constexpr, K: tl.constexpr, PHASE: tl.constexpr, WIDE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     """dx and the per-channel partial sums; see the module docstring."""
     pid = tl.program_id(0)
@@ -135,7 +140,7 @@ def onepass_backward_kernel(
                           shift_ptr, chan_ptr, grp_ptr, bar_ptr, C, HW, G, NSPAN, stride_n, stride_c,
                           stride_hw, SPLIT, chan_stride, grp_stride, count, CPG, SPAN_G, K, PHASE, WIDE,
                           HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, ACC,
-                          BLOCK_C, BLOCK_HW, BLOCK_G, BLOCK_S)
+                          BLOCK_C, BLOCK_HW, BLOCK_G, MERGE_S)
 
 
 @triton.jit

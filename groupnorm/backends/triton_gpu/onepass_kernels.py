@@ -113,22 +113,29 @@ def chan_combine(na, ma, m2a, nb, mb, m2b):
 
 
 @triton.jit
-def merge_row(part_ptr, part_stride, grows, gmask, SPLIT, BLOCK_S: tl.constexpr):
+def merge_row(part_ptr, part_stride, grows, gmask, SPLIT, BLOCK_G: tl.constexpr, MERGE_S: tl.constexpr):
     """Merge the SPLIT partials of groups ``grows`` ([BLOCK_G] rows of the (N * G, SPLIT)
-    scratch): count = sum k_s, mean = sum(k_s mean_s) / count, m2 = sum(m2_s + k_s
-    (mean_s - mean)^2). One fixed tree for a given SPLIT: every caller gets the same bits.
-    Loads bypass L1 (.cg): the partials were written by other SMs during this launch.
+    scratch), MERGE_S partials at a time (bounded registers): per chunk count = sum k_s,
+    mean = sum(k_s mean_s) / count, m2 = sum(m2_s + k_s (mean_s - mean)^2), chunks then
+    merged in order with Chan's formula. One fixed order for a given SPLIT and MERGE_S:
+    every caller gets the same bits. Loads bypass L1 (.cg): other SMs wrote the partials
+    during this launch.
     """
-    s = tl.arange(0, BLOCK_S)
-    m = gmask[:, None] & (s < SPLIT)[None, :]
-    p = part_ptr + grows[:, None] * SPLIT + s[None, :]
-    k_s = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
-    mean_s = tl.load(p + part_stride, mask=m, other=0.0, cache_modifier=".cg")
-    m2_s = tl.load(p + 2 * part_stride, mask=m, other=0.0, cache_modifier=".cg")
-    k = tl.sum(k_s, axis=1)
-    mean = tl.sum(k_s * mean_s, axis=1) / tl.maximum(k, 1.0)
-    dev = mean_s - mean[:, None]
-    m2 = tl.sum(tl.where(m, m2_s + k_s * dev * dev, 0.0), axis=1)
+    k = tl.zeros([BLOCK_G], part_ptr.dtype.element_ty)
+    mean = tl.zeros([BLOCK_G], part_ptr.dtype.element_ty)
+    m2 = tl.zeros([BLOCK_G], part_ptr.dtype.element_ty)
+    for s0 in range(0, SPLIT, MERGE_S):
+        s = s0 + tl.arange(0, MERGE_S)
+        m = gmask[:, None] & (s < SPLIT)[None, :]
+        p = part_ptr + grows[:, None] * SPLIT + s[None, :]
+        k_s = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+        mean_s = tl.load(p + part_stride, mask=m, other=0.0, cache_modifier=".cg")
+        m2_s = tl.load(p + 2 * part_stride, mask=m, other=0.0, cache_modifier=".cg")
+        kc = tl.sum(k_s, axis=1)
+        mc = tl.sum(k_s * mean_s, axis=1) / tl.maximum(kc, 1.0)
+        dev = mean_s - mc[:, None]
+        m2c = tl.sum(tl.where(m, m2_s + k_s * dev * dev, 0.0), axis=1)
+        k, mean, m2 = chan_combine(k, mean, m2, kc, mc, m2c)
     return k, mean, m2
 
 
@@ -175,7 +182,7 @@ def _forward_row(
     CPG: tl.constexpr, SPAN_G: tl.constexpr, K: tl.constexpr, PHASE: tl.constexpr, WIDE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     SPAN_C = SPAN_G * CPG
     n, sp, grows, gmask, onehot, cl, cmask = _row_groups(row, NSPAN, G, CPG, SPAN_G, BLOCK_C, BLOCK_G)
@@ -211,7 +218,7 @@ def _forward_row(
     if PHASE == 0:
         row_barrier(bar_ptr + row, s == 0, SPLIT)
     if PHASE != 1:
-        k, mean_s, m2_all = merge_row(part_ptr, part_stride, grows, gmask, SPLIT, BLOCK_S)
+        k, mean_s, m2_all = merge_row(part_ptr, part_stride, grows, gmask, SPLIT, BLOCK_G, MERGE_S)
         rstd_g = 1.0 / tl.sqrt(m2_all / tl.maximum(k, 1.0) + eps)
         if s == 0:
             tl.store(mean_ptr + grows, pivot_g + mean_s, mask=gmask)
@@ -248,7 +255,7 @@ def onepass_forward_kernel(
     CPG: tl.constexpr, SPAN_G: tl.constexpr, K: tl.constexpr, PHASE: tl.constexpr, WIDE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     """Forward y = act(z1(xhat)), mean, rstd; see the module docstring for PHASE and waves."""
     pid = tl.program_id(0)
@@ -262,4 +269,4 @@ def onepass_forward_kernel(
                          part_ptr, bar_ptr, C, HW, G, NSPAN, stride_n, stride_c, stride_hw, SPLIT,
                          part_stride, eps, CPG, SPAN_G, K, PHASE, WIDE,
                          HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, ACC,
-                         BLOCK_C, BLOCK_HW, BLOCK_G, BLOCK_S)
+                         BLOCK_C, BLOCK_HW, BLOCK_G, MERGE_S)

@@ -147,7 +147,7 @@ def forward(x, lay, ptrs, flags, eps: float, activation: str):
 def _constexprs(p, lay, flags, activation: str, acc_tl):
     return dict(CPG=lay.cpg, SPAN_G=p.span_g, K=p.k, WIDE=p.wide, **flags,
                 ACTIVATION=ACTIVATION_CODES[activation], ACC=acc_tl, BLOCK_C=p.block_c,
-                BLOCK_HW=p.block_hw, BLOCK_G=p.block_g, BLOCK_S=p.block_s, num_warps=p.num_warps)
+                BLOCK_HW=p.block_hw, BLOCK_G=p.block_g, MERGE_S=p.merge_s, num_warps=p.num_warps)
 
 
 def backward(dy, x, lay, mean, rstd, ptrs, flags, params, activation: str):

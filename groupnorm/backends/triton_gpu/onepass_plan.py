@@ -25,6 +25,10 @@ RESIDENT_PER_SM = 2
 # Channels-last: a span of whole groups at least this many bytes wide per pixel (full
 # 32-byte sectors, and vector loads), whole C at most.
 SPAN_MIN_BYTES = 128
+# Partials one merge step loads per group array: MERGE_TILE over the groups of a row, at
+# least MERGE_MIN (a [16, 256] merge tile took 186 registers, ptxas sm_90).
+MERGE_TILE = 1024
+MERGE_MIN = 32
 # Rows a wave aims to cover: with one row per wave every wave is a chip-wide barrier (a
 # load-latency bubble and a barrier round trip per few MB); several rows per wave drift
 # apart and overlap, at the price of streaming (K > 1, a second read from L2).
@@ -48,7 +52,7 @@ class OnePassPlan:
     rows: int           # N * G / span_g
     rows_per_wave: int  # rows the grid covers at once; grid = rows_per_wave * split
     waves: int
-    block_s: int        # next power of two of split
+    merge_s: int        # partials merged per step (a power of two, <= next power of two of split)
     num_warps: int
     wide: bool          # int64 offsets inside a sample (C * HW >= 2^31)
 
@@ -104,6 +108,6 @@ def onepass_plan(n: int, c: int, hw: int, g: int, channels_last: bool, elem_byte
     return OnePassPlan(
         span_g=span_g, block_c=block_c, block_hw=block_hw, block_g=next_power_of_2(span_g),
         k=k, split=split, rows=rows, rows_per_wave=rows_per_wave, waves=waves,
-        block_s=next_power_of_2(split),
+        merge_s=min(next_power_of_2(split), max(MERGE_MIN, next_power_of_2(MERGE_TILE // next_power_of_2(span_g)))),
         num_warps=max(1, min(16, block_c * block_hw // (32 * per_thread))),
         wide=FORCE_WIDE or c * hw >= 2 ** 31)
