@@ -49,6 +49,7 @@ def small_onepass(monkeypatch):
     monkeypatch.setattr(onepass_plan, "RESIDENT_PER_SM", 2)
     monkeypatch.setattr(onepass_plan, "SPAN_MIN_BYTES", 16)
     onepass_launch._too_large.clear()
+    onepass_launch._proven.clear()
 
 
 # Plans the cases take (with the fixture's knobs): "hold" keeps each tile across the merge,
@@ -272,6 +273,34 @@ def test_refused_launch_retries_with_fewer_programs_per_sm(monkeypatch):
     assert grids == [8, 4, 8, 4]  # forward, backward: refused at 2 per SM, run at 1
     _check(x, w, b, sc, sh, dy, 4, "silu")
     assert grids[4:] == [4, 4]  # the refused plans are not tried again
+
+
+def test_graph_capture_uses_only_plans_that_launched_before(monkeypatch):
+    """Inside a CUDA-graph capture a refused launch could spoil the capture: an untried plan
+    takes the split path there; after a launch outside the capture, the capture uses it."""
+    launches = []
+
+    def stand_in(kernel, grid, args, kwargs):  # the pair in place of the barrier launch
+        launches.append(grid[0])
+        for phase in (1, 2):
+            kernel[grid](*args, **dict(kwargs, PHASE=phase))
+
+    args = _inputs((2, 8, 5, 7), torch.float32, False)
+    want = _split_path(monkeypatch, args, 4)
+    monkeypatch.setattr(onepass_launch, "_phases", lambda device: (0,))
+    words = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(onepass_launch, "_barrier_words", lambda device, rows: words)
+    monkeypatch.setattr(onepass_launch, "launch_cooperative", stand_in)
+    with monkeypatch.context() as m:
+        m.setattr(onepass_launch, "_capturing", lambda x: True)
+        got = tg.forward(*args[:5], 4, EPS, "silu")
+    assert not launches and all(torch.equal(a, b) for a, b in zip(got, want))
+    outside = tg.forward(*args[:5], 4, EPS, "silu")
+    assert len(launches) == 1
+    with monkeypatch.context() as m:
+        m.setattr(onepass_launch, "_capturing", lambda x: True)
+        inside = tg.forward(*args[:5], 4, EPS, "silu")
+    assert len(launches) == 2 and all(torch.equal(a, b) for a, b in zip(inside, outside))
 
 
 def test_falls_back_when_the_cooperative_launch_is_refused(monkeypatch):

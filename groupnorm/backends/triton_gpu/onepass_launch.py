@@ -20,6 +20,9 @@ from .onepass_bwd_kernels import onepass_backward_kernel, param_grads_kernel
 MODE = "auto"
 # Plans whose cooperative launch failed (grid larger than what is resident): not retried.
 _too_large: set = set()
+# Plans whose cooperative launch succeeded: the only ones tried inside a CUDA-graph capture
+# (a refused launch there could invalidate the capture; graphs are captured after warm-up).
+_proven: set = set()
 # (device index, stream) -> zeroed int32 barrier words, grown on demand.
 _barriers: dict = {}
 
@@ -109,7 +112,7 @@ def _run(kernel, x, p, phases, args, kwargs):
         if phase != 0:
             kernel[grid](*args, **kw)
             continue
-        if key in _too_large:
+        if key in _too_large or (key not in _proven and _capturing(x)):
             return False
         try:
             launch_cooperative(kernel, grid, args, kw)
@@ -118,7 +121,12 @@ def _run(kernel, x, p, phases, args, kwargs):
                 raise
             _too_large.add(key)
             return False
+        _proven.add(key)
     return True
+
+
+def _capturing(x) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def forward(x, lay, ptrs, flags, eps: float, activation: str):
