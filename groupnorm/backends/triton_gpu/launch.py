@@ -142,7 +142,8 @@ def forward(x, weight, bias, scale, shift, num_groups: int, eps: float, activati
     mean = empty((lay.n, lay.g), acc, x.device)
     rstd = empty((lay.n, lay.g), acc, x.device)
     if not plan.use_fused(lay.group_size):
-        done = onepass_launch.forward(x, lay, *_params(x, weight, bias, scale, shift), eps, activation)
+        ptrs, flags = _params(x, weight, bias, scale, shift)
+        done = onepass_launch.forward(x, lay, mean, rstd, ptrs, flags, eps, activation)
         if done is not None:  # one pass over x (issue 26); else the split path below
             return done
         # Two launches: partial statistics, then apply (which merges them and writes mean/rstd).

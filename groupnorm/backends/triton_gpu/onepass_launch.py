@@ -129,8 +129,9 @@ def _capturing(x) -> bool:
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def forward(x, lay, ptrs, flags, eps: float, activation: str):
-    """(y, mean, rstd) in one pass over x, or None (take the split path)."""
+def forward(x, lay, mean, rstd, ptrs, flags, eps: float, activation: str):
+    """(y, mean, rstd) in one pass over x, or None (take the split path); ``mean`` and
+    ``rstd`` are the caller's (N, G) outputs."""
     from . import launch  # its allocators (tests swap them for NaN-filled ones)
 
     phases = _phases(x.device)
@@ -140,8 +141,7 @@ def forward(x, lay, ptrs, flags, eps: float, activation: str):
     outs = None
     for p in _plans(x, lay, False, 0 in phases):
         if outs is None:
-            outs = (launch.empty_like(x), launch.empty((lay.n, lay.g), acc, x.device),
-                    launch.empty((lay.n, lay.g), acc, x.device))
+            outs = (launch.empty_like(x), mean, rstd)
         bar = _barrier_words(x.device, p.rows) if 0 in phases else x
         parts = scratch((3, lay.rows, p.split), acc, x.device)
         args = (x, outs[0], *ptrs, outs[1], outs[2], parts, bar,
