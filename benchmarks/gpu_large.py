@@ -5,7 +5,7 @@
     python benchmarks/gpu_large.py bench    # large suite vs copy bandwidth, torch eager, torch.compile
     python benchmarks/gpu_large.py tune     # tile / residency / span knobs on two shapes, registers
     python benchmarks/gpu_large.py huge     # channels-last tensor of 2^31 + 8192 elements, fwd + bwd
-    python benchmarks/gpu_large.py ncu-target   # one forward, for `ncu` (see gpu_session.sh large)
+    python benchmarks/gpu_large.py ncu-target   # one forward, for `ncu` (the device script runs it)
 
 Rows are printed as they are measured (a time-boxed run keeps what it got).
 """

@@ -23,7 +23,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from groupnorm import grad_terms, reference  # noqa: E402
-from groupnorm.backends.triton_gpu import launch, onepass_kernels, onepass_launch, onepass_plan, plan  # noqa: E402
+from groupnorm.backends.triton_gpu import launch, onepass_launch, onepass_plan, plan  # noqa: E402
+from groupnorm.backends.triton_gpu.onepass_kernels import row_base, tile_offsets  # noqa: E402
 import groupnorm.backends.triton_gpu as tg  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,8 +198,8 @@ def test_large_offset_stays_large_in_int64():
     """The offset helpers on values past 2^31 (what a >2^31-element tensor needs)."""
     @triton.jit
     def offsets_kernel(out_ptr, n, sp, stride_n, stride_c, stride_hw, hw0, HW, SPAN_C: tl.constexpr):
-        base = onepass_kernels.row_base(n.to(tl.int64), sp, stride_n, stride_c, SPAN_C)
-        offs, mask = onepass_kernels.tile_offsets(hw0, HW, SPAN_C, stride_c, stride_hw, 4, 2, True)
+        base = row_base(n.to(tl.int64), sp, stride_n, stride_c, SPAN_C)
+        offs, mask = tile_offsets(hw0, HW, SPAN_C, stride_c, stride_hw, 4, 2, True)
         tl.store(out_ptr + tl.arange(0, 8), tl.reshape(base + offs, [8]))
 
     out = torch.zeros(8, dtype=torch.int64, device=DEVICE)
