@@ -68,9 +68,8 @@ case "$MODE" in
       > "$OUT/large_tests.txt" 2>&1
     { timeout 80 $L check; echo "rc=$?"; } > "$OUT/large_check.txt" 2>&1
     { timeout 140 $L bench --dtypes float16; echo "rc=$?"; } > "$OUT/large_bench.txt" 2>&1
-    { timeout 50 $L huge; echo "rc=$?"
-      timeout 40 python -m pytest -q -p no:cacheprovider -m slow tests/test_large.py -k cuda; echo "rc=$?"; } \
-      > "$OUT/large_huge.txt" 2>&1
+    { timeout 90 python -m pytest -q -p no:cacheprovider -m slow tests/test_triton_large.py tests/test_large.py \
+        -k "cuda or channels_last_past"; echo "rc=$?"; } > "$OUT/large_huge.txt" 2>&1
     { timeout 45 $L bench --dtypes bfloat16,float32 --compile-dtypes "" --cases 512x256x256,256x1024x1024,video; \
       echo "rc=$?"; } >> "$OUT/large_bench.txt" 2>&1
     { timeout 50 $L tune; echo "rc=$?"; } > "$OUT/large_tune.txt" 2>&1

@@ -382,3 +382,40 @@ def test_plan_holds_mid_sizes_and_streams_the_largest(monkeypatch):
     assert big.k > 1 and big.rows_per_wave == 1  # a 16 MB group: one group per wave, in L2
     cl = onepass_plan.onepass_plan(1, 512, 128 * 128, 32, True, 2, 132, 50 << 20, False)
     assert cl.span_g * 16 * 2 >= 128 and cl.block_c == cl.span_g * 16
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs 2^31 elements on a GPU")
+def test_channels_last_past_int32_indexing():
+    """bfloat16 channels-last (1, 32, 1, 2^26 + 256): 2^31 + 8192 elements, both groups of
+    16 channels run to the last element (int64 offsets within a sample), forward and backward
+    through the public op. tests/test_large.py does the same for NCHW."""
+    import groupnorm
+
+    w_ = 2**26 + 256
+    x = torch.empty((1, 32, 1, w_), dtype=torch.bfloat16, device="cuda", memory_format=torch.channels_last)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for g in range(2):
+        x[:, 16 * g:16 * g + 16] = (3.0 * g - 1.0 + (0.5 + g) * torch.randn(
+            (1, 16, 1, w_), device="cuda", generator=gen)).bfloat16()
+    assert x.numel() > 2**31
+    weight = torch.tensor([1.5] * 16 + [-0.5] * 16, device="cuda")
+    bias = torch.tensor([0.25] * 16 + [2.0] * 16, device="cuda")
+    y = groupnorm.group_norm(x, 2, weight, bias)
+    step = 1 << 24
+    for g in range(2):
+        part = x[0, 16 * g:16 * g + 16]
+        mean = sum(part[..., i:i + step].double().sum().item() for i in range(0, w_, step)) / part.numel()
+        var = sum((part[..., i:i + step].double() - mean).square().sum().item()
+                  for i in range(0, w_, step)) / part.numel()
+        rstd = (var + EPS) ** -0.5
+        for ch, idx in ((16 * g, 0), (16 * g + 7, w_ // 2), (16 * g + 15, w_ - 1), (16 * g + 3, w_ - 4097)):
+            want = (x[0, ch, 0, idx].double().item() - mean) * rstd * weight[ch].item() + bias[ch].item()
+            assert abs(y[0, ch, 0, idx].double().item() - want) <= 2e-2 * (1 + abs(want)), (g, ch, idx)
+    del y
+    xr = x.requires_grad_(True)
+    wr, br = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    dx, dw, db = torch.autograd.grad(groupnorm.group_norm(xr, 2, wr, br), (xr, wr, br), torch.ones_like(x))
+    # dy = 1: dbias = pixels per channel; dx ~ 0 up to the last element (a wrapped offset: garbage).
+    torch.testing.assert_close(db, torch.full((32,), float(w_), device="cuda"), rtol=1e-4, atol=0)
+    assert torch.isfinite(dx[0, :, 0, -4096:]).all() and dx[0, :, 0, -4096:].abs().max().item() < 1e-2
