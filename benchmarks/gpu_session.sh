@@ -5,6 +5,8 @@
 #       >2^31 test, main job, float16 suite with the torch.compile peer, bf16/f32 rows, fused rows
 #   run(command="bash benchmarks/gpu_session.sh tune",  timeout_s=300)  ~4 min: host-time
 #       profile, launch-plan variants (tune_gpu.py), CUDA tests
+#   run(command="bash benchmarks/gpu_session.sh large", timeout_s=540)  ~8 min: one-pass kernels
+#       for large groups (issue 26): tests, barrier vs pair, CUDA graph, large suite, >2^31, tuning, ncu
 #   run(command="bash benchmarks/gpu_session.sh check", timeout_s=290)  ~3 min after a change:
 #       CUDA tests, main job correctness, host profile, float16 suite without compile
 #   run(command="bash benchmarks/gpu_session.sh everyday", timeout_s=540)  <= 8 min: the Triton
@@ -71,6 +73,25 @@ case "$MODE" in
     timeout 300 python benchmarks/gpu_check.py --out "$OUT/gpu_suite" --deadline-s 285 \
       > "$OUT/gpu_check.txt" 2>&1; echo "rc=$?" >> "$OUT/gpu_check.txt"
     ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh [full|tune|check|everyday]" >&2; exit 2 ;;
+  large)  # issue 26, one-pass kernels for large groups (~8 min); see benchmarks/gpu_large.py
+    L="python benchmarks/gpu_large.py"
+    { timeout 45 python -m pytest -n 8 -q -p no:cacheprovider tests/test_triton_large.py; echo "rc=$?"; } \
+      > "$OUT/large_tests.txt" 2>&1
+    { timeout 80 $L check; echo "rc=$?"; } > "$OUT/large_check.txt" 2>&1
+    { timeout 140 $L bench --dtypes float16; echo "rc=$?"; } > "$OUT/large_bench.txt" 2>&1
+    { timeout 90 python -m pytest -q -p no:cacheprovider -m slow tests/test_triton_large.py tests/test_large.py \
+        -k "cuda or channels_last_past"; echo "rc=$?"; } > "$OUT/large_huge.txt" 2>&1
+    { timeout 45 $L bench --dtypes bfloat16,float32 --compile-dtypes "" --cases 512x256x256,256x1024x1024,video; \
+      echo "rc=$?"; } >> "$OUT/large_bench.txt" 2>&1
+    { timeout 50 $L tune; echo "rc=$?"; } > "$OUT/large_tune.txt" 2>&1
+    if command -v ncu > /dev/null; then
+      { timeout 30 ncu --kernel-name regex:onepass_forward --launch-skip 1 --launch-count 1 --metrics \
+          dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+          $L ncu-target; echo "rc=$?"; } > "$OUT/large_ncu.txt" 2>&1
+    else
+      echo "ncu not found" > "$OUT/large_ncu.txt"
+    fi
+    ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh [full|tune|check|everyday|large]" >&2; exit 2 ;;
 esac
 tail -n 3 "$OUT"/*.txt

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import plan
+from . import onepass_launch, plan
 from .apply_kernels import apply_kernel
 from .backward_kernels import dx_kernel, merge_dx_kernel, reduce_combine_kernel, reduce_partial_kernel
 from .direct import Launcher
@@ -216,11 +216,15 @@ def _forward(x, lay: Layout, weight, bias, scale, shift, eps: float, activation:
     written nowhere on the one-launch paths), by the forward plan's path."""
     p = forward_plan(lay)
     if p.path == "split":
-        # Two launches: partial statistics, then apply (which merges them and writes mean/rstd).
         if mean is None:
             acc = acc_dtype(x.dtype)
             mean = _scratch((lay.n, lay.g), acc, x.device)
             rstd = _scratch((lay.n, lay.g), acc, x.device)
+        ptrs, flags = _params(x, weight, bias, scale, shift)
+        done = onepass_launch.forward(x, lay, mean, rstd, ptrs, flags, eps, activation)
+        if done is not None:  # one pass over x: programs sharing a group meet at a barrier
+            return done[0]
+        # Two launches: partial statistics, then apply (which merges them and writes mean/rstd).
         parts = _stats_partials(x, lay, p.split)
         return _apply(x, lay, mean, rstd, weight, bias, scale, shift, activation, eps, parts, p.split)
     y = empty_like(x)
@@ -311,6 +315,11 @@ def _backward(dy, x, lay: Layout, mean, rstd, weight, bias, scale, shift, activa
     (dx, dweight, dbias, dscale, dshift), None where absent or not needed."""
     p = backward_plan(lay, need_w or need_b)
     ptrs, flags = _params(x, weight, bias, scale, shift)
+    if need_dx and p.path == "split":
+        done = onepass_launch.backward(dy, x, lay, mean, rstd, ptrs, flags, (weight, bias, scale, shift),
+                                       activation)
+        if done is not None:  # x and dy read once from device memory; else the split path below
+            return done
     grads = [empty(t.shape, t.dtype, x.device) if t is not None and need else None
              for t, need in ((weight, need_w), (bias, need_b), (scale, need_scale), (shift, need_shift))]
     acc = acc_dtype(x.dtype)
