@@ -44,6 +44,7 @@ def small_onepass(monkeypatch):
     monkeypatch.setattr(onepass_launch, "scratch", _nan_empty)
     monkeypatch.setattr(onepass_launch, "MODE", "pair")
     monkeypatch.setattr(plan, "FUSED_MAX_GROUP", 0)
+    monkeypatch.setattr(plan, "GROUP_MAX_GROUP", 0)   # the one-program-per-group path of small groups
     monkeypatch.setattr(plan, "CPU_NUM_SMS", 4)
     monkeypatch.setattr(onepass_plan, "TILE", 64)
     monkeypatch.setattr(onepass_plan, "TILE_BWD", 32)

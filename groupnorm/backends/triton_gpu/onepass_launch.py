@@ -129,9 +129,18 @@ def _capturing(x) -> bool:
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+_FLAG_NAMES = ("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT")
+
+
+def _named(flags) -> dict:
+    """launch._params' (weight, bias, scale, shift) presence flags as the kernels' constexprs."""
+    return dict(zip(_FLAG_NAMES, flags))
+
+
 def forward(x, lay, mean, rstd, ptrs, flags, eps: float, activation: str):
     """(y, mean, rstd) in one pass over x, or None (take the split path); ``mean`` and
     ``rstd`` are the caller's (N, G) outputs."""
+    flags = _named(flags)
     from . import launch  # its allocators (tests swap them for NaN-filled ones)
 
     phases = _phases(x.device)
@@ -162,6 +171,7 @@ def backward(dy, x, lay, mean, rstd, ptrs, flags, params, activation: str):
     """(dx, dweight, dbias, dscale, dshift) with x and dy read once, or None (split path).
 
     ``params`` are (weight, bias, scale, shift), None where absent."""
+    flags = _named(flags)
     from . import launch
 
     phases = _phases(x.device)
