@@ -187,7 +187,7 @@ def groups_stats(x_groups, lo, hi, eps, zero, mean, rstd):
 
 
 @elementwise
-@njit(cache=True, error_model="numpy", fastmath={"contract", "nsz"})   # as apply_kernels
+@njit(cache=True, error_model="numpy", fastmath={"nsz"})   # as apply_kernels
 def groups_apply(x_groups, y_groups, lo, hi, hw, weight, bias, scale, shift, act, zero, mean, rstd, stream, buf,
                  sbuf, out):
     """The apply of groups lo..hi-1 of forward_groups, their statistics in mean, rstd.

@@ -216,6 +216,8 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
               stats_at + _STAT_BYTES[acc] * n * num_groups, WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
               *_param_at(bias, acc, keep), *absent, *absent, CODES[activation], _ZERO[acc], sums[0], sums[1],
               *_at(dw, acc), *_at(db, acc), threads)
+    if dx is not None and numel == n * num_groups:
+        one_element_groups(dx, dy, x, torch.from_numpy(stats[1]), weight)
     return dx, dw, db
 
 
@@ -325,6 +327,8 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
         with pool.LOCK:   # see threads: workqueue takes one caller at a time
             dx_rows(rows_view(dy, n * c), rows_view(x, n * c), dx_flat.reshape(n * c, -1), mean_c.reshape(-1),
                     a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act, stream)
+    if int(count) == 1:
+        one_element_groups(dx, dy, x, rstd, weight)
     return dx
 
 
@@ -401,7 +405,23 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
               num_groups, *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
               *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc),
               threads)
+    if dx is not None and numel == n * num_groups:
+        one_element_groups(dx, dy, x, r, weight)
     return sum_dz_xhat, sum_dz, dx, dw, db
+
+
+def one_element_groups(dx, dy, x, rstd, weight) -> None:
+    """dx when every group holds one element: exactly 0, or NaN where torch's is (a
+    non-finite dy, x, weight, or rstd = inf from eps = 0). Such a group normalises to a
+    constant (x - mean = 0), so dx = rstd * (dxhat - dxhat) = 0; the kernels' dz1 * A + Q
+    leaves a rounding residue there instead, which rstd = 1 / sqrt(eps) magnifies (~1e-4)."""
+    shape = x.shape
+    acc = rstd.dtype   # float32 or float64: a half-type rstd could overflow to inf
+    zero = dy.to(acc) * 0 + x.to(acc) * 0
+    zero = zero * rstd.reshape(shape[:2] + (1,) * (len(shape) - 2))
+    if weight is not None:
+        zero = zero + (weight.to(acc) * 0).reshape((1, -1) + (1,) * (len(shape) - 2))
+    dx.copy_(zero)
 
 
 def like_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
