@@ -385,7 +385,7 @@ def test_resident_memory_stays_bounded_and_release_returns_it():
     warm = rss()
     calls(9000)
     end = rss()
-    pooled = alloc.POOL.pooled_bytes()
+    pooled = alloc.POOL.pooled_bytes
     released = groupnorm.release_cached_memory()
     after = rss()
     print("cap", cap, "growth", end - warm, "pooled", pooled, "released", released, "drop", end - after)
