@@ -28,14 +28,27 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 COMPUTE = torch.float64
 
 
+def _spatial(x: Tensor) -> int:
+    """HW, the product of the dims after C: reshapes spell it out, since -1 is ambiguous
+    for an empty batch (N = 0)."""
+    hw = 1
+    for s in x.shape[2:]:
+        hw *= int(s)
+    return hw
+
+
+def _group_len(x: Tensor, num_groups: int) -> int:
+    return x.shape[1] // num_groups * _spatial(x)
+
+
 def _grouped(x: Tensor, num_groups: int) -> Tensor:
     # (N, C, *) -> (N, G, C/G * HW) in logical NCHW order, in float64.
-    return x.reshape(x.shape[0], num_groups, -1).to(COMPUTE)
+    return x.reshape(x.shape[0], num_groups, _group_len(x, num_groups)).to(COMPUTE)
 
 
 def _per_channel(x: Tensor) -> Tensor:
     # (N, C, *) -> (N, C, HW) in float64.
-    return x.reshape(x.shape[0], x.shape[1], -1).to(COMPUTE)
+    return x.reshape(x.shape[0], x.shape[1], _spatial(x)).to(COMPUTE)
 
 
 def _param(t: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
@@ -69,7 +82,7 @@ def _normalized(x: Tensor, mean: Tensor, rstd: Tensor, num_groups: int) -> Tenso
     n, c = x.shape[0], x.shape[1]
     xg = _grouped(x, num_groups)
     xhat = (xg - mean.to(xg.dtype).unsqueeze(-1)) * rstd.to(xg.dtype).unsqueeze(-1)
-    return xhat.reshape(n, c, -1)
+    return xhat.reshape(n, c, _spatial(x))
 
 
 def _pre_activation(xhat, weight, bias, scale, shift):
@@ -143,8 +156,8 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
     if weight is not None:
         dxhat = dxhat * _param(weight, acc)[None, :, None]
     n, c = x.shape[0], x.shape[1]
-    dxhat_g = dxhat.reshape(n, num_groups, -1)
-    xhat_g = xhat.reshape(n, num_groups, -1)
+    dxhat_g = dxhat.reshape(n, num_groups, _group_len(x, num_groups))
+    xhat_g = xhat.reshape(n, num_groups, _group_len(x, num_groups))
     inv_count = 1.0 / max(count, 1)
     dx = rstd.to(acc).unsqueeze(-1) * (
         dxhat_g
@@ -156,9 +169,9 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
 
 def differentiable_group_norm(x, weight, bias, scale, shift, num_groups: int, eps: float, activation: str):
     """The whole layer as differentiable torch ops (for double backward and as a test oracle)."""
-    xg = x.reshape(x.shape[0], num_groups, -1)
+    xg = x.reshape(x.shape[0], num_groups, _group_len(x, num_groups))
     mean = xg.mean(dim=-1, keepdim=True)
     var = (xg - mean).square().mean(dim=-1, keepdim=True)
-    xhat = ((xg - mean) * torch.rsqrt(var + eps)).reshape(x.shape[0], x.shape[1], -1)
+    xhat = ((xg - mean) * torch.rsqrt(var + eps)).reshape(x.shape[0], x.shape[1], _spatial(x))
     _, z1 = _pre_activation(xhat, weight, bias, scale, shift)
     return apply_activation(z1, activation).reshape(x.shape)

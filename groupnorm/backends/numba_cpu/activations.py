@@ -28,7 +28,7 @@ from .bits import bits_to_f32
 # reused, and cached on disk, for every caller (a caller's fast-math flags, say, or none). A cold
 # pytest-xdist run saw the fused and two-stage backward disagree in the last bits of float64
 # sums with silu and mish; these helpers were the functions on that path stating no flags.
-SCALAR = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+SCALAR = dict(cache=True, error_model="numpy", fastmath={"nsz"})
 
 # Activation codes, in the order of groupnorm.epilogue.ACTIVATIONS.
 NONE, SILU, GELU, GELU_TANH, RELU, MISH = range(6)
@@ -89,8 +89,10 @@ def activate_grad(z, act):
 
 
 # Vectorisable float32 math: no libm calls, no branches in the element loops (min/max
-# clamps select, they do not branch); "contract" lets LLVM fuse multiply-adds.
-VEC = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+# clamps select, they do not branch). No "contract": whether LLVM fuses a multiply-add
+# depends on the loop a helper is inlined into, so fused results differed by caller (see
+# docs/reliability.md, batch invariance).
+VEC = dict(cache=True, error_model="numpy", fastmath={"nsz"})
 
 # exp(x): k = round(x / ln2), r = x - k ln2 (two-part ln2), exp(r) by a degree-7 polynomial
 # on |r| <= ln2/2 (truncation < 6e-9), 2^k assembled from exponent bits. <= 2 ulp of expf.

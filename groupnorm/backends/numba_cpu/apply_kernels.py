@@ -20,7 +20,7 @@ from .streaming import stream_span, store_fence
 BLOCK = 512           # staging buffer length for activations
 PIXEL_CHUNK = 16384   # channels-last: elements per parallel task (rows = PIXEL_CHUNK // C)
 STREAM_SPAN = 2048    # values staged per streamed piece (8 KB of float32: stays in L1)
-JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+JIT = dict(cache=True, error_model="numpy", fastmath={"nsz"})
 
 
 @njit(**JIT)

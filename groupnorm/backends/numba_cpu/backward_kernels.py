@@ -37,7 +37,7 @@ PIXEL_ROWS_MAX = 512  # ... and at most this many (float32 per-channel partial s
 SUM_BLOCK = 4096        # elements summed in the accumulation dtype before a float64 add
 ROW_TASK_ELEMS = 16384  # contiguous layout: elements per parallel task (whole rows)
 GROUP_BLOCK_ELEMS = 16384  # contiguous fused backward: a block of small groups per stage (fused_groups_run)
-JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+JIT = dict(cache=True, error_model="numpy", fastmath={"nsz"})
 # No reassoc: it let LLVM regroup sums differently depending on the module a loop was
 # compiled into, so the same kernel wrote other bits (1 ulp here and there) when compiled
 # inside its caller than when loaded from the cache. Sums run in lanes (lanes.py).

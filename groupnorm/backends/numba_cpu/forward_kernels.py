@@ -45,7 +45,7 @@ def forward_rows(x_groups, x_rows, y_rows, weight, bias, scale, shift, eps, act,
     streaming stores (as for every forward here; see streaming)."""
     n_batch, groups = mean.shape
     channels = x_rows.shape[0] // n_batch
-    m2 = np.empty_like(mean)
+    m2 = np.empty(mean.shape, np.float64)   # float64, as groups_stats keeps it: same rstd bits
     stats_rows(x_groups, mean.reshape(n_batch * groups), m2.reshape(n_batch * groups), zero)
     rstd_from_m2(m2, x_groups.shape[1], eps, rstd)
     mean_c, _, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
@@ -76,7 +76,7 @@ def forward_pixel_blocks(x, y, weight, bias, scale, shift, eps, act, zero, mean,
     per-thread runs of pixel blocks, the apply walking them backwards (thread_run)."""
     n_batch, hw, channels = x.shape
     groups = mean.shape[1]
-    m2 = np.empty_like(mean)
+    m2 = np.empty(mean.shape, np.float64)   # float64, as groups_stats keeps it: same rstd bits
     stats_channels_last(x, groups, mean, m2, zero, threads)
     rstd_from_m2(m2, hw * (channels // groups), eps, rstd)
     mean_c, _, a, b = z1_coefs(mean, rstd, weight, bias, scale, shift, channels)
@@ -93,7 +93,7 @@ def forward_samples(x, y, weight, bias, scale, shift, eps, act, mean, rstd):
     dt = mean.dtype
     part_mean = np.empty((n_batch, blocks, groups), np.float64)
     part_m2 = np.empty((n_batch, blocks, groups), np.float64)
-    m2 = np.empty_like(mean)
+    m2 = np.empty(mean.shape, np.float64)   # float64, as groups_stats keeps it: same rstd bits
     s = np.empty((n_batch, channels), dt)
     q = np.empty((n_batch, channels), dt)
     sh = np.empty((n_batch, channels), dt)
@@ -187,7 +187,7 @@ def groups_stats(x_groups, lo, hi, eps, zero, mean, rstd):
 
 
 @elementwise
-@njit(cache=True, error_model="numpy", fastmath={"contract", "nsz"})   # as apply_kernels
+@njit(cache=True, error_model="numpy", fastmath={"nsz"})   # as apply_kernels
 def groups_apply(x_groups, y_groups, lo, hi, hw, weight, bias, scale, shift, act, zero, mean, rstd, stream, buf,
                  sbuf, out):
     """The apply of groups lo..hi-1 of forward_groups, their statistics in mean, rstd.

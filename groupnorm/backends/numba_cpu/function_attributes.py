@@ -42,12 +42,22 @@ _ELEMENTWISE: set = set()   # ... and of the elementwise passes
 HALF_ARRAY_CODES = ("5ArrayIt", "5ArrayIs")
 
 
+# What mangled_prefix gives where Numba's mangler is missing or changed: no function
+# name contains it, so nothing is registered and LLVM's defaults apply (plain Numba).
+NO_PREFIX = "\0groupnorm: no mangler"
+
+
 def mangled_prefix(qualified_name: str) -> str:
     """The start of every specialisation's mangled name of a function ("module.qualname"):
     Numba appends the ABI tags ("B...") and argument types ("E...") to it. The
     length-prefixed encoding keeps one function's prefix from matching another's."""
-    mangled = funcdesc.default_mangler(qualified_name, ())   # "_ZN" + name parts + "E"
-    assert mangled.endswith("E"), mangled
+    mangler = getattr(funcdesc, "default_mangler", None)
+    try:
+        mangled = mangler(qualified_name, ())   # "_ZN" + name parts + "E"
+    except Exception:   # noqa: BLE001 - a Numba without this internal: plain behaviour
+        return NO_PREFIX
+    if not isinstance(mangled, str) or not mangled.endswith("E"):
+        return NO_PREFIX
     return mangled[:-1]
 
 
@@ -105,9 +115,12 @@ def install() -> bool:
     if getattr(original, "groupnorm_function_attributes", False):
         return True
 
-    def post_lowering(self, mod, library):
-        mark_package_functions(mod)
-        return original(self, mod, library)
+    def post_lowering(self, mod, *args, **kwargs):
+        try:
+            mark_package_functions(mod)
+        except Exception:   # noqa: BLE001 - llvmlite's IR objects changed: LLVM's defaults
+            pass
+        return original(self, mod, *args, **kwargs)
 
     post_lowering.groupnorm_function_attributes = True
     cpu.CPUContext.post_lowering = post_lowering

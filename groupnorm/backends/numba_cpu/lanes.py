@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 LANES = 64   # partial sums per sum: 4 AVX-512 registers of float32, 8 of float64
 ALIGN = 64   # bytes: the lanes start on a cache line
 
-JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+JIT = dict(cache=True, error_model="numpy", fastmath={"nsz"})
 
 
 @intrinsic

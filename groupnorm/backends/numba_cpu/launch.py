@@ -22,6 +22,7 @@ from .addresses import (WITNESS, backward_channels_last_at, backward_groups_at, 
 from .forward_kernels import GROUP_TASKS_MIN, channels_last_per_sample
 from .numpy_views import HALF, as_numpy, pixels_view
 from .stats_kernels import stats_channels_last, stats_rows
+from . import threads as pool
 from .threads import sync_with_torch
 
 _EMPTY = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
@@ -172,10 +173,11 @@ def _forward_known(x, shape, dtype, numel, channels_last, weight, bias, scale, s
         entry = forward_groups_at if n * num_groups >= GROUP_TASKS_MIN else forward_rows_at
     keep = []   # converted parameters, alive until the entry has run
     absent = _ABSENT[acc]   # scale / shift are None on every everyday call: no call to ask
-    address = entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
-                    *_param_at(bias, acc, keep), *(absent if scale is None else _param_at(scale, acc, keep)),
-                    *(absent if shift is None else _param_at(shift, acc, keep)), eps, CODES[activation],
-                    _ZERO[acc], mean_np, rstd_np, stream, threads)
+    with pool.LOCK:   # see threads: workqueue takes one caller at a time
+        address = entry(x.data_ptr(), y.data_ptr(), WITNESS[dtype], n, c, hw, *_param_at(weight, acc, keep),
+                        *_param_at(bias, acc, keep), *(absent if scale is None else _param_at(scale, acc, keep)),
+                        *(absent if shift is None else _param_at(shift, acc, keep)), eps, CODES[activation],
+                        _ZERO[acc], mean_np, rstd_np, stream, threads)
     return y, address
 
 
@@ -208,11 +210,14 @@ def backward_known(dy, x, stats, stats_at, weight, bias, shape, dtype, numel, ch
     entry, stream = _backward_entry(n, c, hw, num_groups, channels_last, threads, numel, itemsize, need_dx)
     keep = []
     absent = _ABSENT[acc]
-    entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[dtype], n, c, hw,
-          bool(need_dx), stream, stats_at,
-          stats_at + _STAT_BYTES[acc] * n * num_groups, WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
-          *_param_at(bias, acc, keep), *absent, *absent, CODES[activation], _ZERO[acc], sums[0], sums[1],
-          *_at(dw, acc), *_at(db, acc), threads)
+    with pool.LOCK:   # see threads: workqueue takes one caller at a time
+        entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[dtype], n, c, hw,
+              bool(need_dx), stream, stats_at,
+              stats_at + _STAT_BYTES[acc] * n * num_groups, WITNESS[acc], num_groups, *_param_at(weight, acc, keep),
+              *_param_at(bias, acc, keep), *absent, *absent, CODES[activation], _ZERO[acc], sums[0], sums[1],
+              *_at(dw, acc), *_at(db, acc), threads)
+    if dx is not None and numel == n * num_groups:
+        one_element_groups(dx, dy, x, torch.from_numpy(stats[1]), weight)
     return dx, dw, db
 
 
@@ -248,9 +253,11 @@ def stats(x, num_groups):
     mean = alloc.empty((n, num_groups), acc)
     m2 = alloc.empty((n, num_groups), acc)
     if is_channels_last(x):
-        stats_channels_last(pixels_view(x), num_groups, mean.numpy(), m2.numpy(), _ZERO[acc], threads)
+        with pool.LOCK:   # see threads: workqueue takes one caller at a time
+            stats_channels_last(pixels_view(x), num_groups, mean.numpy(), m2.numpy(), _ZERO[acc], threads)
     else:
-        stats_rows(rows_view(x, n * num_groups), mean.view(-1).numpy(), m2.view(-1).numpy(), _ZERO[acc])
+        with pool.LOCK:   # see threads: workqueue takes one caller at a time
+            stats_rows(rows_view(x, n * num_groups), mean.view(-1).numpy(), m2.view(-1).numpy(), _ZERO[acc])
     return mean, m2
 
 
@@ -269,10 +276,12 @@ def apply(x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
     act = CODES[activation]
     stream = streams(x.numel(), x, channels_last)
     if channels_last:
-        apply_channels_last(pixels_view(x), y_flat.reshape(n, -1, c), mean_c, a, b, act, stream)
+        with pool.LOCK:   # see threads: workqueue takes one caller at a time
+            apply_channels_last(pixels_view(x), y_flat.reshape(n, -1, c), mean_c, a, b, act, stream)
     else:
-        apply_rows(rows_view(x, n * c), y_flat.reshape(n * c, -1), mean_c.reshape(-1), a.reshape(-1),
-                   b.reshape(-1), act, stream)
+        with pool.LOCK:   # see threads: workqueue takes one caller at a time
+            apply_rows(rows_view(x, n * c), y_flat.reshape(n * c, -1), mean_c.reshape(-1), a.reshape(-1),
+                       b.reshape(-1), act, stream)
     return y
 
 
@@ -286,13 +295,15 @@ def backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, a
     act = CODES[activation]
     if is_channels_last(x):
         dy = like_layout(dy, x)
-        reduce_channels_last(pixels_view(dy), pixels_view(x), mean_c, rstd_c, a, b, act,
-                             sum_dz_xhat.numpy(), sum_dz.numpy(), _ZERO[acc], threads)
+        with pool.LOCK:   # see threads: workqueue takes one caller at a time
+            reduce_channels_last(pixels_view(dy), pixels_view(x), mean_c, rstd_c, a, b, act,
+                                 sum_dz_xhat.numpy(), sum_dz.numpy(), _ZERO[acc], threads)
     else:
         dy = like_layout(dy, x)
-        reduce_rows(rows_view(dy, n * c), rows_view(x, n * c), mean_c.reshape(-1), rstd_c.reshape(-1),
-                    a.reshape(-1), b.reshape(-1), act, sum_dz_xhat.view(-1).numpy(),
-                    sum_dz.view(-1).numpy(), _ZERO[acc])
+        with pool.LOCK:   # see threads: workqueue takes one caller at a time
+            reduce_rows(rows_view(dy, n * c), rows_view(x, n * c), mean_c.reshape(-1), rstd_c.reshape(-1),
+                        a.reshape(-1), b.reshape(-1), act, sum_dz_xhat.view(-1).numpy(),
+                        sum_dz.view(-1).numpy(), _ZERO[acc])
     return sum_dz_xhat, sum_dz
 
 
@@ -309,11 +320,15 @@ def backward_dx(dy, x, mean, rstd, weight, bias, scale, shift, sum_dxhat, sum_dx
     dy = like_layout(dy, x)
     stream = streams(x.numel(), x, channels_last, backward=True)
     if channels_last:
-        dx_channels_last(pixels_view(dy), pixels_view(x), dx_flat.reshape(n, -1, c), mean_c, a, b, p, q, act,
-                         stream, threads)
+        with pool.LOCK:   # see threads: workqueue takes one caller at a time
+            dx_channels_last(pixels_view(dy), pixels_view(x), dx_flat.reshape(n, -1, c), mean_c, a, b, p, q, act,
+                             stream, threads)
     else:
-        dx_rows(rows_view(dy, n * c), rows_view(x, n * c), dx_flat.reshape(n * c, -1), mean_c.reshape(-1),
-                a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act, stream)
+        with pool.LOCK:   # see threads: workqueue takes one caller at a time
+            dx_rows(rows_view(dy, n * c), rows_view(x, n * c), dx_flat.reshape(n * c, -1), mean_c.reshape(-1),
+                    a.reshape(-1), b.reshape(-1), p.reshape(-1), q.reshape(-1), act, stream)
+    if int(count) == 1:
+        one_element_groups(dx, dy, x, rstd, weight)
     return dx
 
 
@@ -384,12 +399,29 @@ def _backward(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activat
     m, r = stat_tensor(mean, acc), stat_tensor(rstd, acc)
     dy = like_layout(dy, x)
     entry, stream = _backward_entry(n, c, hw, num_groups, channels_last, threads, numel, x.itemsize, need_dx)
-    entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
-          bool(need_dx), stream, m.data_ptr(), r.data_ptr(), WITNESS[acc],
-          num_groups, *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
-          *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc),
-          threads)
+    with pool.LOCK:   # see threads: workqueue takes one caller at a time
+        entry(dy.data_ptr(), x.data_ptr(), (x if dx is None else dx).data_ptr(), WITNESS[x.dtype], n, c, hw,
+              bool(need_dx), stream, m.data_ptr(), r.data_ptr(), WITNESS[acc],
+              num_groups, *_param_at(weight, acc, keep), *_param_at(bias, acc, keep), *_param_at(scale, acc, keep),
+              *_param_at(shift, acc, keep), CODES[activation], _ZERO[acc], s1, s0, *_at(dw, acc), *_at(db, acc),
+              threads)
+    if dx is not None and numel == n * num_groups:
+        one_element_groups(dx, dy, x, r, weight)
     return sum_dz_xhat, sum_dz, dx, dw, db
+
+
+def one_element_groups(dx, dy, x, rstd, weight) -> None:
+    """dx when every group holds one element: exactly 0, or NaN where torch's is (a
+    non-finite dy, x, weight, or rstd = inf from eps = 0). Such a group normalises to a
+    constant (x - mean = 0), so dx = rstd * (dxhat - dxhat) = 0; the kernels' dz1 * A + Q
+    leaves a rounding residue there instead, which rstd = 1 / sqrt(eps) magnifies (~1e-4)."""
+    shape = x.shape
+    acc = rstd.dtype   # float32 or float64: a half-type rstd could overflow to inf
+    zero = dy.to(acc) * 0 + x.to(acc) * 0
+    zero = zero * rstd.reshape(shape[:2] + (1,) * (len(shape) - 2))
+    if weight is not None:
+        zero = zero + (weight.to(acc) * 0).reshape((1, -1) + (1,) * (len(shape) - 2))
+    dx.copy_(zero)
 
 
 def like_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

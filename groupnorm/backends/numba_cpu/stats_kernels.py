@@ -28,7 +28,7 @@ from .lanes import LANES, lanes_of, total
 from .pixel_tasks import task_pixels, thread_run
 
 CHUNK = 4096          # elements per partial (16 KiB of float32: stays in L1)
-JIT = dict(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+JIT = dict(cache=True, error_model="numpy", fastmath={"nsz"})
 # Every callee states its fastmath flags: Numba compiles a callee that states none with its
 # caller's flags, so one helper would round differently under different callers. No
 # function reassociates: the sums run in lanes (lanes.py), an order written into the code.
@@ -137,13 +137,13 @@ def stats_rows(x, mean_out, m2_out, zero):
         m2_out[r] = m2
 
 
-JIT_CL = dict(cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "nsz"})
+JIT_CL = dict(cache=True, error_model="numpy", boundscheck=False, fastmath={"nsz"})
 BLOCK_ELEMS = 32768   # channels-last: target elements per float32 run of shifted sums ...
 BLOCK_ROWS_MIN = 32   # ... but at least this many pixels (per-channel merge cost) ...
 BLOCK_ROWS_MAX = 256  # ... and at most this many (float32 shifted sums stay accurate)
 TASK_ELEMS = 262144   # channels-last: at most this many elements per task (whole runs) ...
 TASK_BLOCKS_MIN = 4   # ... while a sample still splits into this many tasks
-ROWS_TOGETHER_MAX_BYTES = 8 << 20   # four pixels per accumulator update up to this size of x
+ROWS_TOGETHER_MAX_BYTES = 8 << 20   # four pixels per accumulator update up to this size of a sample
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)
@@ -199,7 +199,7 @@ def shifted_channel_sums(x, n, lo, hi, t, s, q, shift, together):
 
 
 @out_of_line
-@njit(cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "nsz"})
+@njit(cache=True, error_model="numpy", boundscheck=False, fastmath={"nsz"})
 def channel_sums_to_groups(s, q, shift, rows, groups, part_mean, part_m2):
     """Exact per-group (mean, m2) from per-channel shifted sums, in float64.
 
@@ -239,7 +239,7 @@ def channel_sums_to_groups(s, q, shift, rows, groups, part_mean, part_m2):
         part_m2[g] = total(m2)
 
 
-@njit(cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "nsz"})
+@njit(cache=True, error_model="numpy", boundscheck=False, fastmath={"nsz"})
 def channel_m2(s_c, q_c, shift_c, inv, rows, mean_g):
     """A channel's share of its group's m2: its own m2 plus rows * (mean_c - mean_g)^2."""
     sc = np.float64(s_c)
@@ -259,7 +259,9 @@ def pixel_task_moments(x, n, k, lo, hi, t, s, q, shift, s64, q64, groups, part_m
     """
     channels = x.shape[2]
     run = pixel_block_rows(channels)
-    together = 4 if x.size * x.itemsize <= ROWS_TOGETHER_MAX_BYTES else 1
+    # A sample's size, not x's: the choice changes the order of the sums, and a sample's
+    # bits must not depend on what else is in the batch.
+    together = 4 if x.shape[1] * channels * x.itemsize <= ROWS_TOGETHER_MAX_BYTES else 1
     for c in range(channels):
         shift[t, c] = load(x, (n, lo, c))
         s64[t, c] = 0.0

@@ -1,15 +1,25 @@
-"""Numba's worker count follows torch's, so the two never oversubscribe the cores.
+"""Numba's threading layer, chosen to survive fork and threads, and its worker count,
+which follows torch's so the two never oversubscribe the cores.
 
-With the Linux torch wheels the two even share one OpenMP runtime: torch loads its bundled
-libgomp into the global symbol scope, and Numba's OpenMP layer (which names the system
-``libgomp.so.1.0.0``) binds ``GOMP_parallel`` and ``omp_*`` there first (checked with
-``LD_DEBUG=bindings``; one worker thread runs both libraries' regions). That is also why a
-Numba pool start could reset torch's thread count (see start_pool).
+Layer (docs/reliability.md): Numba's default on Linux is its GNU OpenMP layer, whose
+fork handler kills every child forked after a parallel region ("Terminating: fork()
+called from a process already using GNU OpenMP"): DataLoader workers, pre-fork servers.
+Unless the user chose a layer (``NUMBA_THREADING_LAYER`` or ``numba.config``) or Numba's
+pool already runs, start_pool asks for Numba's ``forksafe`` layer: TBB where installed,
+else ``workqueue``. TBB is also thread-safe; workqueue is not (two Python threads inside
+parallel regions at once abort the process), so with workqueue every kernel call holds
+LOCK, one process-wide lock, and concurrent callers take turns. The price: a workqueue
+parallel region costs ~20 us more than an OpenMP one (measured on 2 cores, even with
+one thread), so small shapes pay it per call. ``NUMBA_THREADING_LAYER=omp`` gets the
+old speed back for programs that never fork.
 
-Results never depend on this number: every kernel partitions its work by shape only.
+Results never depend on the layer or the thread count: every kernel partitions its work
+by shape only.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 import numba
@@ -29,23 +39,60 @@ ROW_WEIGHT = 16
 # calls numba.set_num_threads itself changes only speed here, never results.)
 _last = threading.local()
 _pool_started = False
+_starting = threading.Lock()
+
+
+# Held around every call of a compiled parallel kernel when the layer is not thread-safe
+# (workqueue); a no-op context otherwise (start_pool decides). Replaced in a forked child:
+# a fork taken while another thread held it would leave the child's copy held forever.
+LOCK = contextlib.nullcontext()
+UNSAFE_FOR_THREADS = ("workqueue",)
+
+
+def choose_layer() -> None:
+    """Ask Numba for a fork-safe layer unless the user chose one or the pool runs already."""
+    try:
+        from numba.np.ufunc import parallel
+        started = parallel._is_initialized
+    except (ImportError, AttributeError):   # internals moved: leave Numba's own choice
+        return
+    if not started and numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "forksafe"
 
 
 def start_pool() -> None:
-    """Start Numba's worker pool without disturbing torch's thread count.
+    """Start Numba's worker pool on a fork-safe layer (choose_layer), set LOCK for it,
+    and leave torch's thread count as it was.
 
     Numba's OpenMP layer resets the process's OpenMP thread count when it starts its
     pool, which silently undid a user's ``torch.set_num_threads(1)``; we start it once,
     here, and put torch's setting back.
     """
-    global _pool_started
-    if _pool_started:
-        return
+    with _starting:   # two threads' first calls: one chooses, both see its LOCK
+        if _pool_started:
+            return
+        _start_pool()
+
+
+def _start_pool() -> None:
+    global _pool_started, LOCK
     torch_threads = torch.get_num_threads()
+    choose_layer()
     numba.get_num_threads()   # starts the pool
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
+    if numba.threading_layer() in UNSAFE_FOR_THREADS:
+        LOCK = threading.Lock()
     _pool_started = True
+
+
+def _fresh_lock_in_child() -> None:
+    global LOCK
+    if not isinstance(LOCK, contextlib.nullcontext):
+        LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 # Numba's pool size, fixed when Numba starts (read once: the attribute chain costs a few
