@@ -23,8 +23,10 @@ def kernel_layout(x: Tensor) -> Tensor:
     """x itself when it is NCHW-contiguous or channels-last (what kernels read without a
     copy); otherwise a copy in the memory format torch's output would have (channels-last
     for a tile of a channels-last tensor, see ``memory_format``), which the output keeps."""
-    if x.is_contiguous() or is_channels_last(x):
+    if x.is_contiguous() or (x.dim() in validation.CHANNELS_LAST_FORMATS and is_channels_last(x)):
         return x
+    # A 3-D (N, L, C)-dense input (an attention block's transpose) comes back contiguous, as
+    # torch's does: kept (N, L, C), every later layer would re-lay out its weights per call.
     return x.contiguous(memory_format=memory_format.suggested(x))
 
 
