@@ -1,0 +1,74 @@
+"""The model benchmark on tiny configurations: converted models give the stock model's
+outputs and gradients within float32 tolerance, the GroupNorm share is a real share, and
+the table prints a row per model, pass and mode."""
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from groupnorm import GroupNorm, convert                  # noqa: E402
+from groupnorm.bench import models                        # noqa: E402
+
+CASES = {c.name.split()[1]: c for c in models.model_cases("cpu", tiny=True)}   # "VAE", "SD"
+
+
+def test_variants_share_the_stock_weights_and_swap_every_norm():
+    torch.manual_seed(0)
+    stock = models.sd_vae(tiny=True)
+    n_norms = sum(isinstance(m, torch.nn.GroupNorm) for m in stock.modules())
+    out = models.variants(stock)
+    assert out["stock"] is stock
+    for name in ("convert", "convert+fuse"):
+        ours = [m for m in out[name].modules() if isinstance(m, GroupNorm)]
+        assert len(ours) == n_norms > 0
+        for a, b in zip(stock.parameters(), out[name].parameters()):
+            assert a is not b and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("key,train", [("VAE", False), ("SD", False), ("SD", True)])
+def test_converted_models_match_the_stock_model(key, train):
+    row = models.measure(CASES[key], "cpu", torch.float32, train, "eager", budget_s=0.01, rounds=1)
+    assert row.error is None
+    assert set(row.ms) == set(models.VARIANTS) and all(t > 0 for t in row.ms.values())
+    assert set(row.diff) == {"convert", "convert+fuse"}
+    for name, diff in row.diff.items():
+        assert diff < 1e-4, (name, diff)      # outputs (and, training, every gradient) vs stock
+    for name, share in row.share.items():
+        assert 0.0 < share < 1.0, (name, share)
+    line = models.format_row(row)
+    assert line.startswith(f"| {CASES[key].name} | {'training step' if train else 'forward'} | eager | ")
+
+
+def test_compare_catches_a_wrong_model():
+    case = CASES["VAE"]
+    torch.manual_seed(0)
+    out = models.variants(case.make().eval())
+    with torch.no_grad():
+        next(iter(out["convert"].decoder.parameters())).add_(0.01)
+    diffs = models.compare(case, out, case.inputs(torch.device("cpu"), torch.float32), train=False)
+    assert diffs["convert"] > 1e-3 and diffs["convert+fuse"] < 1e-4
+
+
+def test_share_of_a_model_that_is_mostly_a_group_norm():
+    class Only(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.GroupNorm(4, 32)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    case = models.ModelCase("only", Only, lambda dev, dt: (torch.randn(2, 32, 64, 64),), lambda m, x: m(x), True)
+    for model in (Only(), convert(Only())):
+        assert models.groupnorm_share(case, model, case.inputs(None, None), train=False) > 0.5
+        # A training step also runs the loss and its backward (as much work again as the norm's
+        # forward and backward); counting the norm's forward alone would give under 15%.
+        assert models.groupnorm_share(case, model, case.inputs(None, None), train=True) > 0.15
+
+
+@pytest.mark.slow
+def test_tiny_models_under_torch_compile_match_the_stock_model():
+    for case in CASES.values():
+        row = models.measure(case, "cpu", torch.float32, case.train, "compile", budget_s=0.01, rounds=1)
+        assert row.error is None and row.share == {}
+        assert all(diff < 1e-4 for diff in row.diff.values()), row.diff
