@@ -212,7 +212,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--serial", action="store_true", help="CPU: no second process compiling ahead")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the speed table (needs matplotlib: the 'plot' extra)")
     parser.add_argument("--models", action="store_true",
-                        help="diffusers VAE decoder and UNet step end to end: stock vs convert vs convert(fuse=True)")
+                        help="diffusers VAE and UNet step end to end: stock vs convert vs convert(fuse=True), "
+                             "eager (and torch.compile on a GPU)")
+    parser.add_argument("--models-compile", action="store_true",
+                        help="--models under torch.compile on a CPU too (minutes of compiling)")
     return parser.parse_args(argv)
 
 
@@ -243,7 +246,8 @@ def main(argv=None) -> int:
             if args.models:
                 from .bench import models
                 progress.stage = "models"
-                models.run(args.device, compile_peer=not args.no_compile, say=progress.say)
+                models.run(args.device, say=progress.say, compile_peer=not args.no_compile and (
+                    args.device == "cuda" or args.models_compile))
     finally:
         if ahead is not None:
             ahead.close()
