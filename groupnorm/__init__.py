@@ -2,7 +2,8 @@
 
 Public API (imports point one way: this file -> modules/functional -> ops -> backends):
   GroupNorm, group_norm                 drop-ins for torch's (keyword-only fused extras)
-  GroupNormAct, AdaGroupNorm            fused activation / per-call scale-shift modules
+  GroupNormAct, GroupNormScaleShift     fused activation / per-call scale-shift modules
+  (AdaGroupNorm: deprecated alias of GroupNormScaleShift)
   convert, revert                       swap torch.nn.GroupNorm in a model, and back
   GroupStats, group_stats, merge_stats  exact statistics across tiles and devices
   release_cached_memory                 hand the CPU backend's free output buffers back
@@ -22,7 +23,8 @@ __version__ = "0.1.0"
 # Names served from submodules on first use, so `import groupnorm` stays light.
 _LAZY = {
     "GroupNormAct": "groupnorm.fused_modules",
-    "AdaGroupNorm": "groupnorm.fused_modules",
+    "GroupNormScaleShift": "groupnorm.fused_modules",
+    "AdaGroupNorm": "groupnorm.fused_modules",   # deprecated alias of GroupNormScaleShift
     "GroupStats": "groupnorm.stats",
     "group_stats": "groupnorm.stats",
     "merge_stats": "groupnorm.stats",

@@ -6,14 +6,15 @@ one all-reduce shares them, and every rank merges all ranks' parts in rank order
 Chan's formula (``stats.merge64``), so all ranks get bit-identical statistics, whatever
 the shard sizes (uneven or empty shards are fine, and so is any spatial split dimension).
 
-Communication per call:
-  forward   one all-reduce (SUM) of a buffer (world, 2 + 2 * N * G): each rank writes its own
-            row (element count, mean, m2) and zeros elsewhere, so the sum is an all-gather
-            in a single collective, and merging stays exact (no E[x^2] - E[x]^2).
+Communication per call (see ``shard_exchange``):
+  forward   one all-reduce (SUM) of a (world, 134) float64 buffer: each rank writes its own
+            row (its shard's facts, element count, mean and m2) and zeros elsewhere, so the
+            sum is an all-gather in a single collective; merging stays exact (no
+            E[x^2] - E[x]^2). The facts (N, C, num_groups, dtype, whether the input passed
+            its checks) are compared on every rank before anything else, so ranks that
+            disagree all raise a RuntimeError instead of meeting in collectives of different
+            sizes. Where N * G > 64 the remaining statistics take a second all-reduce.
   backward  one all-reduce (SUM) of the (2, N, G) group sums that dx needs.
-
-The buffer is float32 (float64 for a float64 input); the per-rank element count travels as
-two exactly representable halves, so counts beyond 2^24 stay exact.
 
 Gradients: each rank returns dx for its shard (exact, as the slice of single-process dx)
 and its shard's contribution to dweight, dbias, dscale and dshift. Summed over ranks these
@@ -27,45 +28,55 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import grad_terms, ops
+from . import grad_terms, ops, validation
+from .epilogue import activation_name
+from .functional import kernel_layout
 from .reference import acc_dtype
+from .shard_exchange import check_process_group, exchange_failure, exchange_stats
 from .stats import merge64
 
 Tensor = torch.Tensor
 
-_HALF = float(2 ** 24)  # counts split as hi * 2^24 + lo, both exact in float32
 
+def sharded_group_norm(input: Tensor, num_groups, weight, bias, eps, activation, scale, shift, stats,
+                       process_group) -> Tensor:
+    """``group_norm(..., process_group=pg)``: input is this rank's spatial shard.
 
-def sharded_group_norm(x: Tensor, num_groups: int, weight, bias, eps: float, act: str,
-                       scale, shift, process_group) -> Tensor:
-    """``group_norm(..., process_group=pg)``: x is this rank's spatial shard."""
-    return _ShardedGroupNorm.apply(x, weight, bias, scale, shift, num_groups, float(eps), act, process_group)
+    The argument checks run here, not before: a rank whose input fails them still joins the
+    first all-reduce (flagged as failed) before raising, so the other ranks raise too rather
+    than wait in the collective.
+    """
+    if stats is not None:
+        raise ValueError("group_norm(): pass either stats= or process_group=, not both "
+                         "(a process group computes the statistics itself)")
+    check_process_group(process_group)
+    try:
+        # torch's one-value-per-group check concerns the whole tensor: see global_stats.
+        validation.check_inputs(input, num_groups, weight, bias, scale, shift, training_check=False, eps=eps)
+        num_groups, eps = validation.as_num_groups(num_groups), validation.as_eps(eps)
+        act = "none" if activation is None else activation_name(activation)
+    except Exception:
+        exchange_failure(input, process_group)
+        raise
+    return _ShardedGroupNorm.apply(kernel_layout(input), weight, bias, scale, shift, num_groups, eps, act,
+                                   process_group)
 
 
 def global_stats(x: Tensor, num_groups: int, process_group):
-    """Statistics of the whole sharded tensor, identical on every rank (one all-reduce).
-
-    Returns (count, mean, m2): count per group as a Python int, mean and m2 (N, G) float64.
-    """
-    world = dist.get_world_size(process_group)
-    rank = dist.get_rank(process_group)
+    """Statistics of the whole sharded tensor, identical on every rank (one all-reduce while
+    N * G <= 64). Returns (count, mean, m2): count per group as a Python int, mean and m2
+    (N, G) float64. Raises on every rank where the ranks' shards disagree."""
     n = x.shape[0]
-    ng = n * num_groups
     local_mean, local_m2 = ops.stats(x, num_groups)
-    local_count = x.numel() // ng if ng else 0
-    buf = torch.zeros(world, 2 + 2 * ng, dtype=acc_dtype(x.dtype), device=x.device)
-    hi, lo = divmod(local_count, int(_HALF))
-    buf[rank, 0], buf[rank, 1] = float(hi), float(lo)
-    buf[rank, 2:2 + ng] = local_mean.reshape(-1)
-    buf[rank, 2 + ng:] = local_m2.reshape(-1)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=process_group)
-    rows = buf.to(torch.float64)
-    counts = [int(hi) * int(_HALF) + int(lo) for hi, lo in rows[:, :2].tolist()]
-    parts = [(torch.full((n, num_groups), float(counts[r]), dtype=torch.float64, device=x.device),
-              rows[r, 2:2 + ng].reshape(n, num_groups), rows[r, 2 + ng:].reshape(n, num_groups))
-             for r in range(world)]
+    counts, means, m2s = exchange_stats(x, num_groups, local_mean, local_m2, process_group)
+    total = sum(counts)
+    if n * total == 1:   # torch's check, on the whole tensor: one value per group
+        raise ValueError("Expected more than 1 value per channel when training, got a sharded input with "
+                         f"N={n}, num_groups={num_groups} and {total} value(s) per group")
+    parts = [(torch.full((n, num_groups), float(c), dtype=torch.float64, device=x.device), means[r], m2s[r])
+             for r, c in enumerate(counts)]
     _, mean, m2 = merge64(parts)
-    return sum(counts), mean, m2
+    return total, mean, m2
 
 
 class _ShardedGroupNorm(torch.autograd.Function):

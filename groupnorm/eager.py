@@ -10,8 +10,9 @@ op runs instead, so those tools see one ``groupnorm::forward`` node as before.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
-from . import ops
+from . import ops, transforms
 
 Tensor = torch.Tensor
 
@@ -32,6 +33,11 @@ _is_compiling = torch.compiler.is_compiling
 _function_mode_on = torch._C._is_torch_function_mode_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_functorch_active = torch._C._are_functorch_transforms_active
+_tracing = torch._C._get_tracing_state
+_functorch_level = torch._C._functorch.maybe_current_level
+# One C call for every device type (is_autocast_enabled(device) raises for "meta").
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def usable(x: Tensor, weight=None, bias=None, scale=None, shift=None) -> bool:
@@ -43,23 +49,58 @@ def usable(x: Tensor, weight=None, bias=None, scale=None, shift=None) -> bool:
         return False
     if not (scale is None and shift is None) and not (_plain(scale) and _plain(shift)):
         return False
-    if _function_mode_on() or _dispatch_modes() or _functorch_wrapped(x):
+    if _function_mode_on() or _dispatch_modes() or _functorch_wrapped(x) or _tracing():
         return False
-    return not torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
+    return not _any_autocast()
+
+
+def transformed(x: Tensor) -> bool:
+    """torch.func transforms or forward-mode AD are active: the call must go through
+    ``GroupNormFunction`` (its setup_context, jvp and vmap rules), whatever needs a gradient.
+    Under torch.compile, tracing and dispatch modes the custom op serves instead."""
+    if _is_compiling() or _tracing() or _dispatch_modes() or _function_mode_on():
+        return False
+    return _functorch_active() or forward_ad_on()
+
+
+def forward_ad_on() -> bool:
+    """A ``torch.autograd.forward_ad.dual_level`` is open (functorch's jvp counts as a
+    transform, asked separately)."""
+    return _forward_ad._current_level >= 0
 
 
 class GroupNormFunction(torch.autograd.Function):
-    """groupnorm::forward and its registered backward, minus the dispatcher."""
+    """groupnorm::forward and its registered backward, minus the dispatcher; with the
+    forward-AD and vmap rules of ``transforms``, so torch.func and forward_ad run it too.
+
+    It returns (y, mean, rstd) (statistics non-differentiable): functorch wants the
+    outputs handed to ``setup_context`` rather than a ctx inside ``forward``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, activation):
-        y, mean, rstd = ops.forward_impl(x, weight, bias, scale, shift, num_groups, eps, activation)
-        ops.save_for_backward(ctx, (x, weight, bias, scale, shift, num_groups, eps, activation), mean, rstd)
-        return y
+    def forward(x, weight, bias, scale, shift, num_groups, eps, activation):
+        return ops.forward_impl(x, weight, bias, scale, shift, num_groups, eps, activation)
 
     @staticmethod
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ops.save_for_backward(ctx, inputs, mean, rstd)
+        ctx.save_for_forward(*inputs[:5], mean, rstd)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        if _functorch_level() is not None:
+            return transforms.functorch_backward(ctx, dy) + (None, None, None)
         return ops.input_grads(ctx, dy, ops.backward_grads) + (None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tx, tweight, tbias, tscale, tshift, *_):
+        return transforms.functorch_tangent(ctx, (tx, tweight, tbias, tscale, tshift)), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, scale, shift, num_groups, eps, activation):
+        return transforms.batched_call(GroupNormFunction.apply, info.batch_size, in_dims, x, weight, bias,
+                                       scale, shift, num_groups, eps, activation)
 
 
 def _needs_grad(x, weight, bias, scale, shift) -> bool:
@@ -69,6 +110,8 @@ def _needs_grad(x, weight, bias, scale, shift) -> bool:
 
 
 def group_norm(x, weight, bias, scale, shift, num_groups: int, eps: float, activation: str) -> Tensor:
+    if transformed(x):
+        return GroupNormFunction.apply(x, weight, bias, scale, shift, num_groups, eps, activation)[0]
     if torch.is_grad_enabled() and _needs_grad(x, weight, bias, scale, shift):
-        return GroupNormFunction.apply(x, weight, bias, scale, shift, num_groups, eps, activation)
+        return GroupNormFunction.apply(x, weight, bias, scale, shift, num_groups, eps, activation)[0]
     return ops.output_impl(x, weight, bias, scale, shift, num_groups, eps, activation)

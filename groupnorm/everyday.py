@@ -39,6 +39,8 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 _is_grad_enabled = torch.is_grad_enabled
+_has_storage = torch._C._has_storage
+_tracing = torch._C._get_tracing_state   # torch.jit.trace: the op must appear in the graph
 
 
 # torch.compiler.is_compiling, not the flag it returns: dynamo folds the call to True
@@ -54,6 +56,8 @@ def output(x, num_groups, weight, bias, eps, activation):
     if _compiling():   # first: dynamo traces this function and stops at the checks below
         return None
     if not USABLE or type(x) is not Tensor or type(num_groups) is not int or num_groups <= 0:
+        return None
+    if type(eps) is not float:   # ints, NumPy scalars, 0-d tensors and wrong types: the general path
         return None
     if has_torch_function_variadic(x, weight, bias) or not eager.ENABLED:
         return None
@@ -79,14 +83,14 @@ def output(x, num_groups, weight, bias, eps, activation):
         channels_last = True
     else:
         return None
-    if _dispatch_modes() or _functorch_active() or _any_autocast():
+    if _dispatch_modes() or _functorch_active() or _any_autocast() or _tracing() or eager.forward_ad_on():
         return None
     eps = float(eps)
     backend = registry.cpu_backend()
     if _is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                or (bias is not None and bias.requires_grad)):
         if getattr(backend, "backward_known", None) is None:
-            return eager.GroupNormFunction.apply(x, weight, bias, None, None, num_groups, eps, act)
+            return eager.GroupNormFunction.apply(x, weight, bias, None, None, num_groups, eps, act)[0]
         return KnownFunction.apply(x, weight, bias, (backend, shape, dtype, numel, channels_last, num_groups,
                                                      eps, act))
     known = getattr(backend, "forward_known", None)
@@ -115,7 +119,7 @@ class KnownFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         backend, shape, dtype, numel, channels_last, num_groups, eps, act = ctx.facts
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if _is_grad_enabled():   # create_graph=True: a backward autograd can differentiate
+        if _is_grad_enabled() or not _has_storage(dy):   # create_graph=True or a batched dy
             return _differentiable_backward(ctx, dy, x, weight, bias, need_x, need_w, need_b) + (None,)
         return backend.backward_known(dy, x, ctx.stats, ctx.stats_at, weight, bias, shape, dtype, numel,
                                       channels_last, num_groups, act, need_x, need_w, need_b) + (None,)

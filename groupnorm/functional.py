@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import eager, everyday, ops, validation
+from . import eager, everyday, memory_format, ops, portable, validation
 from .epilogue import activation_name
 
 Tensor = torch.Tensor
@@ -21,10 +21,11 @@ def is_channels_last(x: Tensor) -> bool:
 
 def kernel_layout(x: Tensor) -> Tensor:
     """x itself when it is NCHW-contiguous or channels-last (what kernels read without a
-    copy); otherwise a contiguous copy, as for any other strided input."""
+    copy); otherwise a copy in the memory format torch's output would have (channels-last
+    for a tile of a channels-last tensor, see ``memory_format``), which the output keeps."""
     if x.is_contiguous() or is_channels_last(x):
         return x
-    return x.contiguous()
+    return x.contiguous(memory_format=memory_format.suggested(x))
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -47,21 +48,26 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         return handle_torch_function(
             group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps,
             activation=activation, scale=scale, shift=shift, stats=stats, process_group=process_group)
-    if not (scale is None and shift is None and validation.common_case_ok(input, num_groups, weight, bias)):
-        validation.check_inputs(input, num_groups, weight, bias, scale, shift)
-    act = "none" if activation is None else activation_name(activation)
-    if stats is not None and process_group is not None:
-        raise ValueError("group_norm(): pass either stats= or process_group=, not both "
-                         "(a process group computes the statistics itself)")
-    x = kernel_layout(input)
-    if process_group is not None:
+    if process_group is not None:   # checks its arguments with the other ranks: see distributed
+        if portable.exporting():
+            raise RuntimeError("group_norm(): ONNX export does not support process_group=")
         from .distributed import sharded_group_norm
 
-        return sharded_group_norm(x, num_groups, weight, bias, eps, act, scale, shift, process_group)
+        return sharded_group_norm(input, num_groups, weight, bias, eps, activation, scale, shift, stats,
+                                  process_group)
+    if not (scale is None and shift is None and validation.common_case_ok(input, num_groups, weight, bias)):
+        validation.check_inputs(input, num_groups, weight, bias, scale, shift, eps=eps)
+    num_groups, eps = validation.as_num_groups(num_groups), validation.as_eps(eps)
+    act = "none" if activation is None else activation_name(activation)
+    if portable.exporting():   # ONNX: standard operators, not our kernels
+        if stats is not None:
+            raise RuntimeError("group_norm(): ONNX export does not support stats=")
+        return portable.torch_group_norm(input, num_groups, weight, bias, float(eps), act, scale, shift)
+    x = kernel_layout(input)
     if stats is not None:
         from .stats import group_norm_with_stats
 
         return group_norm_with_stats(x, num_groups, weight, bias, eps, act, scale, shift, stats)
-    if eager.usable(x, weight, bias, scale, shift):
+    if eager.usable(x, weight, bias, scale, shift) or eager.transformed(x):
         return eager.group_norm(x, weight, bias, scale, shift, num_groups, float(eps), act)
     return ops.forward(x, weight, bias, scale, shift, num_groups, float(eps), act)[0]

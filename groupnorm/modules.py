@@ -28,6 +28,10 @@ class GroupNorm(torch.nn.GroupNorm):
                  device=None, dtype=None, *, bias: bool = True, activation: Optional[str] = None,
                  process_group=None) -> None:
         validation.check_module_args(num_groups, num_channels)
+        if process_group is not None:
+            from .shard_exchange import check_process_group
+
+            check_process_group(process_group)
         if _TORCH_HAS_BIAS_ARG:
             super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         else:
@@ -40,6 +44,17 @@ class GroupNorm(torch.nn.GroupNorm):
     def forward(self, input: Tensor) -> Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                           activation=self.activation, process_group=self.process_group)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """``torch.jit.script`` compiles this instead: the same parameters and extras on
+        torch's own ops (TorchScript cannot call our kernels' Python launchers)."""
+        if self.process_group is not None:
+            raise RuntimeError("torch.jit.script: a GroupNorm sharded over a process_group cannot be scripted "
+                               "(its statistics need torch.distributed calls from Python); script the model "
+                               "without process_group, or use torch.compile")
+        from .portable import ScriptableGroupNorm
+
+        return ScriptableGroupNorm(self)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

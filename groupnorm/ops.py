@@ -25,6 +25,7 @@ from .backends import registry
 
 Tensor = torch.Tensor
 LIB = "groupnorm"
+_has_storage = torch._C._has_storage
 
 
 def _stats_shape(x: Tensor, num_groups: int):
@@ -86,8 +87,22 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: 
 
 @forward.register_fake
 def _(x, weight, bias, scale, shift, num_groups, eps, activation):
+    _fusion_pass_on_by_default()
     stats = x.new_empty(_stats_shape(x, num_groups), dtype=_stats_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _fusion_pass_on_by_default() -> None:
+    """torch.compile traces this op with its fake implementation: that is the moment to
+    switch on the fusion pass (``compile_fusion.auto_enable``), which needs Inductor's
+    config, too slow to import with ``groupnorm``. ``compile_fusion.disable()`` or
+    ``GROUPNORM_COMPILE_FUSION=0`` keep it off."""
+    try:
+        from . import compile_fusion
+
+        compile_fusion.auto_enable()
+    except (ImportError, AttributeError):   # an Inductor without custom pre-grad passes
+        pass
 
 
 @torch.library.custom_op(f"{LIB}::stats", mutates_args=())
@@ -108,6 +123,12 @@ def _(x, num_groups):
 def apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
           scale: Optional[Tensor], shift: Optional[Tensor], num_groups: int, activation: str) -> Tensor:
     """Normalise x with supplied statistics, then affine, scale/shift, activation."""
+    return apply_impl(x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
+
+
+def apply_impl(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               scale: Optional[Tensor], shift: Optional[Tensor], num_groups: int, activation: str) -> Tensor:
+    """What ``groupnorm::apply`` runs (also called directly by the forward-AD rule)."""
     if x.numel() == 0:
         return torch.empty_like(x)
     mean = mean.to(_stats_dtype(x)).contiguous()
@@ -238,9 +259,10 @@ def input_grads(ctx, dy, backward_fn):
     """Gradients of (x, weight, bias, scale, shift) for an autograd ctx filled above."""
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad[:5]
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward): differentiate the reference composition,
-        # which autograd can differentiate again.
+    if torch.is_grad_enabled() or not _has_storage(dy):
+        # create_graph=True (double backward), or a batched dy (gradcheck's batched
+        # checks): differentiate the reference composition, which autograd can
+        # differentiate again and vmap can batch.
         return _differentiable_backward(ctx, dy, (x, weight, bias, scale, shift), needs)
     grads = backward_fn(dy, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups, ctx.activation, needs[0])
     return tuple(g if need else None for g, need in zip(grads, needs))

@@ -14,6 +14,13 @@ Precision: merging is exact given the parts; what it inherits is each part's flo
 rounding, which enters m2 through (mean_b - mean_a)^2. For |mean| / std up to ~10 (typical
 activations) merged statistics match the whole tensor's within 1e-6 relative; for far
 larger offsets (|mean| / std ~ 1e4) expect ~1e-5, or pass a float64 tensor.
+Gradients: the statistics are functions of the tensors they came from. ``group_stats`` of
+an x that requires grad returns mean and m2 that carry x's gradient, ``merge_stats`` passes
+it on, and ``group_norm(..., stats=)`` sends gradients into the statistics, so training on
+tiles (statistics merged over the tiles, each tile normalised with them) gives x, weight
+and bias the gradients of ``F.group_norm`` on the whole tensor. Statistics of a tensor that
+needs no gradient (or collected under ``torch.no_grad``) are constants and cost nothing
+extra; ``GroupStats(...).detach()`` makes any statistics constants on purpose.
 Errors: a bad input tensor or num_groups raises what ``group_norm`` raises (torch's
 types); bad statistics arguments (shapes, masks, empty lists) raise ``ValueError``, and a
 ``stats`` that is not a ``GroupStats`` raises ``TypeError``.
@@ -59,6 +66,10 @@ class GroupStats:
         """All three fields moved/cast like ``Tensor.to``."""
         return GroupStats(*(t.to(*args, **kwargs) for t in (self.count, self.mean, self.m2)))
 
+    def detach(self) -> "GroupStats":
+        """The same statistics as constants: no gradient flows back to what they came from."""
+        return GroupStats(*(t.detach() for t in (self.count, self.mean, self.m2)))
+
 
 # --- collecting -----------------------------------------------------------------------
 
@@ -71,20 +82,50 @@ def group_stats(x: Tensor, num_groups: int, mask: Optional[Tensor] = None) -> Gr
     own. Without a mask the kernels' statistics op runs; with one, a masked shifted
     two-pass in torch ops (mean first, then squared deviations from it).
 
-    Statistics are data, not part of the autograd graph: x is read detached.
+    Where x requires grad (and grad mode is on), mean and m2 carry it: d mean / dx is
+    1 / count and d m2 / dx is 2 (x - mean) on the counted elements. Otherwise they are
+    constants, computed on x detached with nothing kept for a backward.
     """
     validation.check_inputs(x, num_groups, training_check=False)
-    x = x.detach()
+    num_groups = validation.as_num_groups(num_groups)
+    tracked = torch.is_grad_enabled() and x.requires_grad
+    if not tracked:
+        x = x.detach()
     n = x.shape[0]
     per_group = x.shape[1] // num_groups
     acc = acc_dtype(x.dtype)
     if mask is None:
         from .functional import kernel_layout
 
-        mean, m2 = ops.stats(kernel_layout(x), num_groups)
+        x = kernel_layout(x)
+        mean, m2 = _KernelStats.apply(x, num_groups) if tracked else ops.stats(x, num_groups)
         count = torch.full((n, num_groups), float(per_group * _spatial_numel(x)), dtype=acc, device=x.device)
         return GroupStats(count, mean, m2)
     return _masked_stats(x, num_groups, _check_mask(mask, x), acc)
+
+
+class _KernelStats(torch.autograd.Function):
+    """(mean, m2) per (n, g) from the statistics kernel, with their gradient in torch ops.
+
+    mean = sum(x) / count and m2 = sum((x - mean)^2), so dx = dmean / count
+    + 2 * dm2 * (x - mean): m2's dependence through the mean cancels, as sum(x - mean) = 0.
+    The backward is plain torch ops on saved x and mean, so it is differentiable again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, num_groups):
+        mean, m2 = ops.stats(x, num_groups)
+        ctx.save_for_backward(x, mean)
+        return mean, m2
+
+    @staticmethod
+    def backward(ctx, dmean, dm2):
+        x, mean = ctx.saved_tensors
+        n, g = mean.shape
+        per = x.numel() // (n * g) if n * g else 0
+        xg = x.reshape(n, g, per).to(mean.dtype)
+        dxg = (dmean / max(per, 1))[:, :, None] + 2.0 * dm2[:, :, None] * (xg - mean[:, :, None])
+        return dxg.reshape(x.shape).to(x.dtype), None
 
 
 def _spatial_numel(x: Tensor) -> int:
@@ -112,6 +153,7 @@ def _check_mask(mask, x: Tensor) -> Tensor:
 
 def _masked_stats(x: Tensor, num_groups: int, mask: Tensor, acc: torch.dtype) -> GroupStats:
     # x: (N, C, *), mask: (N, S). Shifted two-pass: no cancellation for large means.
+    # Plain torch ops, so a tracked x gets its gradient from autograd.
     n, c = x.shape[0], x.shape[1]
     xg = x.reshape(n, num_groups, c // num_groups, -1).to(acc)
     m = mask[:, None, None, :]
@@ -131,6 +173,7 @@ def merge_stats(parts: Sequence[GroupStats]) -> GroupStats:
 
     Parts are folded left to right in float64, so the result is deterministic and correct
     to float32 rounding whatever the parts' sizes; parts with count 0 contribute nothing.
+    The fold is torch ops: gradients of parts that carry them flow through it.
     """
     parts = list(parts)
     if not parts:
@@ -186,10 +229,13 @@ def group_norm_with_stats(x: Tensor, num_groups: int, weight, bias, eps: float, 
                           scale, shift, stats: GroupStats) -> Tensor:
     """``group_norm(..., stats=stats)``: normalise x with statistics collected elsewhere.
 
-    The statistics are constants to autograd: gradients flow to x, weight, bias, scale and
-    shift as if mean and rstd did not depend on x (right for tiled inference, where the
-    statistics come from the whole tensor; use the sharded path to train across parts).
-    Fields on another device are moved to x's.
+    Gradients flow to x, weight, bias, scale and shift with the statistics held fixed, and
+    on into ``stats.mean`` and ``stats.m2`` where those carry gradients (see
+    ``group_stats``): dL/dmean = -rstd * sum_g(dxhat), dL/drstd = sum_g(dxhat * xhat) / rstd,
+    the same two per-group sums the input gradient uses. With statistics of the whole
+    tensor (merged over tiles) the tiles' gradients add up to F.group_norm's on the whole.
+    Statistics that carry no gradient cost nothing extra. Fields on another device are moved
+    to x's. Backward of backward through ``stats=`` is not supported.
     """
     _check_stats(stats)
     expected = (x.shape[0], num_groups)
@@ -201,14 +247,14 @@ def group_norm_with_stats(x: Tensor, num_groups: int, weight, bias, eps: float, 
     s = stats.to(device=x.device, dtype=torch.float64)
     mean = s.mean.to(acc).contiguous()
     rstd = s.rstd(float(eps)).to(acc).contiguous()
-    return _ApplyWithStats.apply(x, weight, bias, scale, shift, mean.detach(), rstd.detach(),
-                                 num_groups, act)
+    return _ApplyWithStats.apply(x, weight, bias, scale, shift, mean, rstd, num_groups, act)
 
 
 class _ApplyWithStats(torch.autograd.Function):
-    """y = apply(x, mean, rstd, ...) with mean and rstd held constant.
+    """y = apply(x, mean, rstd, ...) for given mean and rstd.
 
-    With constant statistics dx = rstd * dxhat: ``backward_dx`` with both group sums zero.
+    dx with the statistics held fixed is rstd * dxhat: ``backward_dx`` with both group sums
+    zero. The statistics' own gradients come from those group sums, when asked for.
     """
 
     @staticmethod
@@ -228,9 +274,13 @@ class _ApplyWithStats(torch.autograd.Function):
             zeros = torch.zeros_like(mean)
             grads[0] = ops.backward_dx(dy, x, mean, rstd, weight, bias, scale, shift,
                                        zeros, zeros.clone(), 1, g, act)
-        if any(needs[1:5]):
+        if any(needs[1:7]):
             a, b = ops.backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, g, act)
             params = grad_terms.param_grads(a, b, weight, bias, scale, shift)
             for i, grad in enumerate(params, start=1):
                 grads[i] = grad if needs[i] else None
+            if needs[5] or needs[6]:
+                sum_dxhat, sum_dxhat_xhat = grad_terms.group_sums(a, b, weight, scale, g)
+                grads[5] = (-rstd * sum_dxhat).to(mean.dtype) if needs[5] else None
+                grads[6] = (sum_dxhat_xhat / rstd).to(rstd.dtype) if needs[6] else None
         return tuple(grads)

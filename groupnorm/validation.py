@@ -6,6 +6,7 @@ on the CPU so code that catches torch's errors keeps working.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -19,17 +20,58 @@ class NumGroupsZeroError(ValueError, ZeroDivisionError):
     too, with a message; it is also a ValueError, which is what the mistake is."""
 
 
+def _numpy_scalar_kind(value) -> str:
+    """"integer", "real" (floating or bool) or "" for a NumPy scalar; "" for anything else.
+    NumPy is looked up only if already imported: nothing else can hold a NumPy scalar."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not isinstance(value, numpy.generic):
+        return ""
+    if isinstance(value, numpy.integer):
+        return "integer"
+    return "real" if isinstance(value, (numpy.floating, numpy.bool_)) else ""
+
+
+def as_num_groups(value) -> int:
+    """num_groups as the Python int the kernels take, accepting what torch's argument parser
+    accepts for an int: a Python int, a NumPy integer, or a 0-d integer tensor (bools and
+    floats refused with torch's TypeError). ``nn.GroupNorm(np.int64(8), 32)`` runs in torch."""
+    if type(value) is int:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    if _numpy_scalar_kind(value) == "integer":
+        return int(value)
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()
+            and not value.is_complex() and value.dtype != torch.bool):
+        return int(value.item())
+    raise TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not {type(value).__name__}")
+
+
+def as_eps(value) -> float:
+    """eps as a Python float, accepting what torch's parser accepts for a float (Python and
+    NumPy reals, bools, 0-d tensors that need no gradient) and raising its TypeError for the
+    rest: ``eps="1e-5"`` must fail as in torch, not be parsed."""
+    if type(value) is float:
+        return value
+    if isinstance(value, (int, float)) or _numpy_scalar_kind(value):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad:
+        if value.is_complex():
+            raise RuntimeError("value cannot be converted to type double without overflow")
+        return float(value.item())
+    raise TypeError(f"group_norm(): argument 'eps' (position 5) must be float, not {type(value).__name__}")
+
+
 def check_num_groups_arg(num_groups) -> None:
-    """num_groups must be a positive Python int (bools excluded)."""
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
-        raise TypeError(f"group_norm(): argument 'num_groups' must be int, not {type(num_groups).__name__}")
-    if num_groups == 0:
+    """num_groups must be an integer (see ``as_num_groups``) other than 0."""
+    if as_num_groups(num_groups) == 0:
         raise NumGroupsZeroError("num_groups must be greater than 0, got 0")
 
 
 def check_module_args(num_groups, num_channels) -> None:
     """Constructor checks of torch.nn.GroupNorm, plus a clear error for num_groups <= 0."""
     check_num_groups_arg(num_groups)
+    num_groups = as_num_groups(num_groups)
     if num_groups < 0:
         raise ValueError(f"num_groups must be greater than 0, got {num_groups}")
     if num_channels % num_groups != 0:
@@ -53,17 +95,28 @@ def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise RuntimeError(f"Expected {name} on device {x.device} like the input, but got {name} on {t.device}")
 
 
-def _check_param_dtypes(x: torch.Tensor, weight, bias) -> None:
-    # torch's CPU rule: parameters share the input dtype, or are float32 for a half input.
+def _check_mixed_dtypes(x: torch.Tensor, weight, bias) -> None:
+    """torch's CPU rule, checked before the input's own dtype as torch does (so an integer
+    input with float parameters raises RuntimeError, not NotImplementedError): the first
+    parameter given decides; where its dtype differs from the input's, every parameter must
+    be float32 and the input bfloat16 or float16."""
+    first = weight if weight is not None else bias
+    if first is None or first.dtype == x.dtype:
+        return
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype not in FLOAT_DTYPES:
-            raise RuntimeError(f"group_norm(): {name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.dtype != x.dtype and not (x.dtype in HALF_DTYPES and t.dtype == torch.float32):
+        if t is not None and t.dtype != torch.float32:
             raise RuntimeError(
-                f"group_norm(): {name} has dtype {t.dtype} but input has dtype {x.dtype}; expected "
-                f"{x.dtype}" + (" or torch.float32" if x.dtype in HALF_DTYPES else ""))
+                f"mixed dtype (CPU): expect parameter to have scalar type of Float; got {name} of dtype "
+                f"{t.dtype} for input of dtype {x.dtype} (parameters share the input's dtype, or are "
+                "float32 for a bfloat16 / float16 input)")
+    if x.dtype not in HALF_DTYPES:
+        raise RuntimeError(
+            f"mixed dtype (CPU): all inputs must share same datatype; got float32 parameters for input "
+            f"of dtype {x.dtype}")
+
+
+def _check_param_dtypes(weight, bias) -> None:
+    # After _check_mixed_dtypes and the input's dtype check, what can still be wrong.
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise RuntimeError(f"group_norm(): weight ({weight.dtype}) and bias ({bias.dtype}) must share a dtype")
 
@@ -121,15 +174,18 @@ def common_case_ok(x, num_groups, weight, bias) -> bool:
             and plain_param_ok(bias, dtype, shape[1], x, on_cpu))
 
 
-def check_inputs(x, num_groups, weight=None, bias=None, scale=None, shift=None, *, training_check=True) -> None:
+def check_inputs(x, num_groups, weight=None, bias=None, scale=None, shift=None, *, training_check=True,
+                 eps=1e-5) -> None:
     """Every check of F.group_norm, in torch's order, plus our keyword extras."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm(): argument 'input' must be Tensor, not {type(x).__name__}")
     if x.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}")
     check_num_groups_arg(num_groups)
+    num_groups = as_num_groups(num_groups)
     if training_check:
         _verify_more_than_one_value(x, num_groups)
+    as_eps(eps)   # torch parses its arguments here, after F.group_norm's Python-level checks
     if num_groups < 0:
         raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
     if x.shape[1] % num_groups != 0:
@@ -138,11 +194,12 @@ def check_inputs(x, num_groups, weight=None, bias=None, scale=None, shift=None, 
             f"of shape {list(x.shape)} and num_groups={num_groups}")
     _check_vector("weight", weight, x)
     _check_vector("bias", bias, x)
+    _check_mixed_dtypes(x, weight, bias)
     if x.dtype not in FLOAT_DTYPES:
         raise NotImplementedError(
             f"group_norm: input dtype {x.dtype} is not supported; expected one of "
             f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
-    _check_param_dtypes(x, weight, bias)
+    _check_param_dtypes(weight, bias)
     _check_scale_shift("scale", scale, x)
     _check_scale_shift("shift", shift, x)
 

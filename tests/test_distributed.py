@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import groupnorm
 from groupnorm.backends import registry
@@ -88,6 +89,10 @@ def _cases(world: int):
     w, b = params(8, torch.float64)
     cases.append(("h_float64", dict(x=rand(1, 8, h, 3, dtype=torch.float64), weight=w, bias=b), 2, sizes["h"],
                   dict(num_groups=8, eps=1e-3)))
+    w, b = params(64)
+    # N * G = 96 > shard_exchange.INLINE_GROUPS: the statistics need the second all-reduce.
+    cases.append(("h_many_groups", dict(x=rand(3, 64, h, 2), weight=w, bias=b), 2, sizes["h"],
+                  dict(num_groups=32)))
     for name, t, *_ in cases:
         t["dy"] = rand(*t["x"].shape, dtype=t["x"].dtype)
     return cases
@@ -145,9 +150,10 @@ def _run_cases(world: int, rank: int, group) -> dict:
     return results
 
 
-def _spawn(world: int, folder) -> list:
-    """Run _worker on `world` ranks; each rank's results, or a failure within TIMEOUT_S."""
-    ctx = mp.start_processes(_worker, args=(world, str(folder)), nprocs=world, join=False, start_method="spawn")
+def _spawn(world: int, folder, worker=None) -> list:
+    """Run worker (default _worker) on `world` ranks; each rank's results, or a failure within TIMEOUT_S."""
+    ctx = mp.start_processes(worker or _worker, args=(world, str(folder)), nprocs=world, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -173,7 +179,7 @@ def world_results(request, all_results):
     return world, [res[world] for res in all_results[:world]]
 
 
-@pytest.mark.parametrize("case", ["h_uneven", "w_fused", "d_5d_noaffine", "h_float64"])
+@pytest.mark.parametrize("case", ["h_uneven", "w_fused", "d_5d_noaffine", "h_float64", "h_many_groups"])
 def test_sharded_matches_single_process(world_results, case):
     world, results = world_results
     name, tensors, dim, sizes, kwargs = next(c for c in _cases(world) if c[0] == case)
@@ -213,3 +219,106 @@ def test_single_rank_in_process_default_backend(tmp_path):
     assert_close(y, y_ref)
     for key in grads_ref:
         assert_close(grads[key], grads_ref[key])
+
+
+# --- ranks whose shards disagree --------------------------------------------------------
+# Each case gives rank r its (input shape, dtype, num_groups). Ranks that disagree on N, C,
+# num_groups or dtype must all raise a RuntimeError naming the disagreement (before, gloo
+# ended one rank's process and the other read "connection reset", or the result was
+# silently wrong); a rank whose input fails its own checks raises that error, the others a
+# RuntimeError naming that rank. The group stays usable after each.
+
+DISAGREEING = {
+    "batch": lambda r: ((2 + r, 8, 5, 4), torch.float32, 4),
+    "channels": lambda r: ((2, 8 * (1 + r), 5, 4), torch.float32, 4),
+    "num_groups": lambda r: ((2, 8, 5, 4), torch.float32, 4 // (1 + r)),
+    "dtype float64": lambda r: ((2, 8, 5, 4), (torch.float32, torch.float64)[r], 4),
+    "dtype bfloat16": lambda r: ((2, 8, 5, 4), (torch.float32, torch.bfloat16)[r], 4),
+    "batch, beyond the first all-reduce": lambda r: ((3 - r, 64, 3, 2), torch.float32, 32),
+    "same N * G, other N and G": lambda r: ((2 * (1 + r), 8, 3, 2), torch.float32, 4 // (1 + r)),
+}
+FAILING_ON_RANK_1 = {
+    "channels not divisible on rank 1": lambda r: ((2, 8 + 4 * r, 5, 4), torch.float32, 8),
+    "integer input on rank 1": lambda r: ((2, 8, 5, 4), (torch.float32, torch.int64)[r], 4),
+}
+
+
+def _disagreeing_worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    _loopback()
+    os.environ["GROUPNORM_BACKEND_CPU"] = "reference"
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        results = {}
+        g = torch.Generator().manual_seed(40 + rank)
+        for name, case in {**DISAGREEING, **FAILING_ON_RANK_1}.items():
+            shape, dtype, groups = case(rank)
+            x = (1.5 + torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+            try:
+                groupnorm.group_norm(x, groups, process_group=dist.group.WORLD)
+                results[name] = ("no error", "")
+            except Exception as error:  # noqa: BLE001 - the test compares type and message
+                results[name] = (type(error).__name__, str(error))
+        # torch's "more than 1 value per channel" concerns the whole tensor, not a shard.
+        x = torch.randn(1, 4, 1 - rank, 1, generator=g)   # one value per group in all
+        try:
+            groupnorm.group_norm(x, 4, process_group=dist.group.WORLD)
+            results["one value in all"] = ("no error", "")
+        except Exception as error:  # noqa: BLE001
+            results["one value in all"] = (type(error).__name__, str(error))
+        x = torch.randn(1, 4, 1 + rank, 1, generator=g)   # one value on rank 0's shard, three in all
+        results["one value on a shard"] = (x, groupnorm.group_norm(x, 4, process_group=dist.group.WORLD))
+        # Afterwards the group still works: an agreeing call, forward and backward.
+        _, tensors, dim, sizes, kwargs = _cases(world)[0]
+        local = {k: (v.split(sizes, dim=dim)[rank] if k in ("x", "dy") else v) for k, v in tensors.items()}
+        results["after"] = _forward_backward(local, kwargs, process_group=dist.group.WORLD)
+        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def disagreeing_results(tmp_path_factory):
+    return _spawn(2, tmp_path_factory.mktemp("disagree"), _disagreeing_worker)
+
+
+@pytest.mark.parametrize("case", list(DISAGREEING))
+def test_disagreeing_shards_raise_on_every_rank(disagreeing_results, case):
+    for rank, res in enumerate(disagreeing_results):
+        kind, message = res[case]
+        assert kind == "RuntimeError" and "disagree" in message, (rank, kind, message)
+        for r in range(2):   # every rank's facts are named
+            shape, dtype, groups = DISAGREEING[case](r)
+            assert f"rank {r}: N={shape[0]}, C={shape[1]}, num_groups={groups}, dtype={dtype}" in message
+
+
+@pytest.mark.parametrize("case", list(FAILING_ON_RANK_1))
+def test_a_rank_failing_its_checks_stops_every_rank(disagreeing_results, case):
+    (kind0, message0), (kind1, message1) = (res[case] for res in disagreeing_results)
+    assert kind0 == "RuntimeError" and "rank(s) [1] failed" in message0, (kind0, message0)
+    shape, dtype, groups = FAILING_ON_RANK_1[case](1)
+    x1 = torch.zeros(shape, dtype=dtype)
+    with pytest.raises(Exception) as single:   # rank 1 raises what a single process raises
+        groupnorm.group_norm(x1, groups)
+    assert (kind1, message1) == (type(single.value).__name__, str(single.value))
+
+
+def test_group_still_works_after_the_errors(disagreeing_results):
+    name, tensors, dim, sizes, kwargs = _cases(2)[0]
+    with registry.use_backend("reference"):
+        y_ref, grads_ref = _forward_backward(tensors, kwargs)
+    for rank, res in enumerate(disagreeing_results):
+        y, grads = res["after"]
+        assert_close(y, y_ref.split(sizes, dim=dim)[rank])
+        assert_close(grads["x"], grads_ref["x"].split(sizes, dim=dim)[rank])
+
+
+def test_one_value_per_group_is_judged_on_the_whole_tensor(disagreeing_results):
+    for res in disagreeing_results:
+        kind, message = res["one value in all"]
+        assert kind == "ValueError" and "more than 1 value" in message, (kind, message)
+    shards = [res["one value on a shard"] for res in disagreeing_results]
+    whole = F.group_norm(torch.cat([x for x, _ in shards], dim=2), 4)
+    for (x, y), expected in zip(shards, whole.split([x.shape[2] for x, _ in shards], dim=2)):
+        assert_close(y, expected)

@@ -109,7 +109,7 @@ def test_modules():
         act.weight.normal_()
     torch.testing.assert_close(act(x), F.silu(F.group_norm(x, 4, act.weight, act.bias)))
     assert list(act.state_dict()) == ["weight", "bias"]
-    ada = groupnorm.AdaGroupNorm(4, 8, activation="silu")
+    ada = groupnorm.GroupNormScaleShift(4, 8, activation="silu")
     scale, shift = torch.randn(2, 8, 1, 1), torch.randn(2, 8)
     torch.testing.assert_close(ada(x, scale, shift), unfused(x, 4, None, None, "silu", scale.reshape(2, 8), shift))
     plain = groupnorm.GroupNorm(4, 8, activation="gelu_tanh")
