@@ -147,6 +147,8 @@ def run_speed_table(args, plan, ahead, progress) -> list:
 
         for i, (case, dtype, layout) in enumerate(plan):
             progress.stage = f"torch.compile peers {i + 1}/{len(plan)} ({case.name}, {str(dtype)[6:]}, {layout})"
+            progress.say("compiling torch.compile(F.group_norm) for the forward and the training step"
+                         + (" (the first compile in a process takes longest) ..." if i == 0 else " ..."))
             start = time.perf_counter()
             cpu.prepare_compile_peers(case, dtype, layout)
             progress.say(f"compiled in {time.perf_counter() - start:.1f} s")
