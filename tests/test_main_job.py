@@ -57,6 +57,17 @@ def test_a_failed_check_fails_the_job(monkeypatch, capsys):
     assert "| FAIL |" in out.out and "correctness check(s) FAILED" in out.err
 
 
+def test_gpu_rows_map_onto_the_table():
+    # bench.gpu's rows on a CPU tensor (its timing works on any device): the columns the
+    # main job reads from them, and the floor share from its copy bandwidth.
+    row = overview.gpu_row(QUICK_SUITE[0], torch.float32, "nhwc", compile_peer=False, device="cpu")
+    assert (row.case, row.dtype, row.layout) == (QUICK_SUITE[0].name, "float32", "nhwc")
+    assert row.fwd_us > 0 and row.train_us > 0 and row.fwd_vs_eager > 0 and row.train_vs_eager > 0
+    assert row.fwd_vs_compile is None and row.train_vs_compile is None
+    assert abs(row.fwd_floor - row.fwd_gbps / row.floor_gbps) < 1e-9
+    assert "| nhwc |" in overview.format_row(row)
+
+
 def _row(name, fwd_eager, train_eager, fwd_compile=None, train_compile=None):
     return overview.Row(name, (1, 2), "float32", "nchw", 100.0, 300.0, fwd_eager, train_eager, fwd_compile,
                         train_compile, 0.5, 0.25, 10.0, 5.0, 20.0)

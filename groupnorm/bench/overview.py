@@ -56,14 +56,14 @@ def cpu_row(case: Case, dtype: torch.dtype, layout: str, budget_s: float, compil
                2 * x_bytes / fwd["copy_us"] / 1e3)
 
 
-def gpu_row(case: Case, dtype: torch.dtype, layout: str, compile_peer: bool) -> Optional[Row]:
+def gpu_row(case: Case, dtype: torch.dtype, layout: str, compile_peer: bool, device: str = "cuda") -> Row:
     """The same row from ``bench.gpu`` (its own per-pass lines are not printed here)."""
     from . import gpu
 
     with contextlib.redirect_stdout(io.StringIO()):
         rows = gpu.run_gpu_benchmark([case], dtypes=(dtype,), formats=("channels_last" if layout == "nhwc"
                                                                        else "nchw",),
-                                     use_compile=compile_peer)
+                                     use_compile=compile_peer, device=device)
     by_pass = {r["pass"]: r for r in rows}
     fwd, train = by_pass.get("forward"), by_pass.get("forward_backward")
     if fwd is None or train is None or "error" in fwd or "error" in train:
