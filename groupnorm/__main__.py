@@ -77,9 +77,9 @@ def environment(device: str) -> str:
 def _dtypes(args) -> list:
     if args.dtypes:
         return [getattr(torch, name) for name in args.dtypes.split(",")]
-    if args.device == "cuda":
-        return [torch.float16, torch.bfloat16, torch.float32]
-    return [torch.float32, torch.bfloat16]
+    if args.device == "cuda" or args.full:
+        return [torch.float32, torch.bfloat16] + ([torch.float16] if args.device == "cuda" else [])
+    return [torch.float32]   # a dtype's kernels take a CPU core about 100 s to compile on first use
 
 
 def _bench_plan(args) -> list:
@@ -94,21 +94,24 @@ def _bench_plan(args) -> list:
 
 
 def ahead_units(args, checks, plan):
-    """What a second process compiles ahead on a CPU: the checks of the later dtypes (this
-    process checks the first dtype meanwhile), then the speed rows' inputs, largest first
-    (those reach the paths the small checks do not). -> (units, {check index: unit index})."""
+    """What a second process compiles ahead on a CPU while this one checks the first dtype:
+    the checks of the later dtypes, the speed rows' inputs, largest first (they reach the
+    paths the small checks do not), then the rows' torch.compile peers.
+    -> (units, {check index: unit index}); see bench.compile_ahead for the unit format."""
     first_dtype = checks[0][1]
     units, owned = [], {}
     for i, (case, dtype, layout) in enumerate(checks):
         if dtype != first_dtype:
             owned[i] = len(units)
-            units.append((case.shape, case.num_groups, str(dtype)[6:], str(param_dtype_for(dtype, "cpu"))[6:],
-                          layout))
+            units.append(["calls", case.shape, case.num_groups, str(dtype)[6:],
+                          str(param_dtype_for(dtype, "cpu"))[6:], layout])
     if not args.no_bench and not args.full:
         checked = {(case.shape, dtype, layout) for case, dtype, layout in checks}
-        units += [(case.shape, case.num_groups, str(dtype)[6:], str(dtype)[6:], layout)
+        units += [["calls", case.shape, case.num_groups, str(dtype)[6:], str(dtype)[6:], layout]
                   for case, dtype, layout in sorted(plan, key=lambda p: -p[0].numel)
                   if (case.shape, dtype, layout) not in checked]
+        if not args.no_compile:
+            units += [["peers", case.shape, case.num_groups, str(dtype)[6:], layout] for case, dtype, layout in plan]
     return units, owned
 
 
@@ -121,7 +124,7 @@ def _start_compile_ahead(args, checks, plan, progress):
         return None, {}
     from .bench.compile_ahead import CompileAhead
 
-    progress.say(f"a second process compiles the kernels of {len(units)} later calls meanwhile")
+    progress.say(f"a second process compiles what {len(units)} later steps need meanwhile")
     return CompileAhead(units), owned
 
 
@@ -132,7 +135,7 @@ def run_correctness(args, checks, ahead, owned, progress) -> list:
         progress.stage = f"correctness {i + 1}/{len(checks)} ({case.name}, {str(dtype)[6:]}, {layout})"
         if ahead is not None and i in owned:
             ahead.wait_for(owned[i], lambda done, total: progress.say(
-                f"waiting for the second process's compiles ({done} of {total} calls done)"))
+                f"waiting for the second process's compiles ({done} of {total} units done)"))
         rows.append(check_case(case, dtype, args.device, layout == "nhwc"))
         print(format_check(rows[-1]), flush=True)
     return rows
@@ -142,21 +145,21 @@ def run_speed_table(args, plan, ahead, progress) -> list:
     from .bench import overview
 
     compile_peer = not args.no_compile
+    if ahead is not None:   # its last units are these rows' kernels and peers: load, not compile
+        progress.stage = "speed table"
+        ahead.wait_for(None, lambda done, total: progress.say(
+            f"waiting for the second process's compiles ({done} of {total} units done)"))
+        ahead.close()
     if args.device == "cpu" and compile_peer:
         from .bench import cpu
 
         for i, (case, dtype, layout) in enumerate(plan):
             progress.stage = f"torch.compile peers {i + 1}/{len(plan)} ({case.name}, {str(dtype)[6:]}, {layout})"
-            progress.say("compiling torch.compile(F.group_norm) for the forward and the training step"
-                         + (" (the first compile in a process takes longest) ..." if i == 0 else " ..."))
+            progress.say("torch.compile(F.group_norm) for the forward and the training step"
+                         + (" (the first in a process takes longest) ..." if i == 0 else " ..."))
             start = time.perf_counter()
             cpu.prepare_compile_peers(case, dtype, layout)
-            progress.say(f"compiled in {time.perf_counter() - start:.1f} s")
-    if ahead is not None:
-        progress.stage = "speed table"
-        ahead.wait_for(None, lambda done, total: progress.say(
-            f"waiting for the second process's compiles ({done} of {total} calls done)"))
-        ahead.close()
+            progress.say(f"ready in {time.perf_counter() - start:.1f} s")
     print("\nspeed: ours against torch eager and torch.compile (their time / ours: above 1 is faster); "
           "of floor: share of the memory floor ours reaches (a copy of the least bytes a pass moves)", flush=True)
     print(overview.HEADER, flush=True)
@@ -208,7 +211,8 @@ def parse(argv=None) -> argparse.Namespace:
                         help="the detailed suite: every pass, modules, backend calls, page faults, fused rows")
     parser.add_argument("--no-bench", action="store_true", help="correctness checks only")
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile peer")
-    parser.add_argument("--dtypes", help="dtypes of the correctness checks, e.g. float32,bfloat16")
+    parser.add_argument("--dtypes", help="dtypes of the correctness checks, e.g. float32,bfloat16 (default: "
+                                         "float32 on a CPU, with --full or on a GPU also bfloat16 and float16)")
     parser.add_argument("--bench-dtypes", help="dtypes of the speed rows (default float32 on CPU, float16 on GPU)")
     parser.add_argument("--budget", type=float, default=0.25, help="seconds of timing per side and pass")
     parser.add_argument("--serial", action="store_true", help="CPU: no second process compiling ahead")

@@ -119,8 +119,8 @@ def test_compile_notices_report_outermost_compiles_of_our_kernels_only():
 def test_compile_ahead_runs_units_in_a_second_process(monkeypatch):
     # The reference backend in the child: no Numba compile, so this stays fast on a cold cache.
     monkeypatch.setenv("GROUPNORM_BACKEND_CPU", "reference")
-    ahead = CompileAhead([((2, 4, 3, 3), 2, "float32", "float32", "nchw"),
-                          ((1, 6, 2, 2, 2), 3, "bfloat16", "float32", "nhwc")])
+    ahead = CompileAhead([["calls", (2, 4, 3, 3), 2, "float32", "float32", "nchw"],
+                          ["calls", (1, 6, 2, 2, 2), 3, "bfloat16", "float32", "nhwc"]])
     try:
         ahead.wait_for(1)
         ahead.wait_for(None)
@@ -131,8 +131,9 @@ def test_compile_ahead_runs_units_in_a_second_process(monkeypatch):
 
 def test_compile_ahead_ending_early_does_not_hang(monkeypatch):
     monkeypatch.setenv("GROUPNORM_BACKEND_CPU", "reference")
-    ahead = CompileAhead([((2, 4, 3, 3), 2, "float32", "float32", "nchw"),
-                          ((2, 4, 3, 3), 2, "no_such_dtype", "float32", "nchw")])
+    ahead = CompileAhead([["calls", (2, 4, 3, 3), 2, "float32", "float32", "nchw"],
+                          ["calls", (2, 4, 3, 3), 2, "no_such_dtype", "float32", "nchw"],
+                          ["calls", (2, 4, 3, 3), 2, "float32", "float32", "nchw"]])
     try:
         ahead.wait_for(None)             # returns once the child has failed on unit 1
         assert ahead.done == {0} and not ahead.running
@@ -149,9 +150,13 @@ def test_ahead_units_leave_the_first_dtype_to_the_main_process():
     n = len(QUICK_SUITE) * 2
     assert sorted(owned) == list(range(n, 2 * n))              # the bfloat16 checks ...
     assert [units[owned[i]] for i in range(n, 2 * n)] == [
-        (case.shape, case.num_groups, "bfloat16", "float32", layout) for case, _, layout in checks[n:]]
-    sizes = [torch.Size(u[0]).numel() for u in units[n:]]   # ... then every speed row, largest first
-    assert len(sizes) == len(plan) and sizes == sorted(sizes, reverse=True)
-    assert all(u[2] == u[3] == "float32" for u in units[n:])
-    quick = main_job.parse(["--quick", "--dtypes", "float32"])
+        ["calls", case.shape, case.num_groups, "bfloat16", "float32", layout] for case, _, layout in checks[n:]]
+    calls = units[n:n + len(plan)]                              # ... every speed row, largest first ...
+    sizes = [torch.Size(u[1]).numel() for u in calls]
+    assert sizes == sorted(sizes, reverse=True) and all(u[0] == "calls" and u[3] == u[4] == "float32" for u in calls)
+    assert units[n + len(plan):] == [                           # ... then the rows' torch.compile peers
+        ["peers", case.shape, case.num_groups, "float32", layout] for case, _, layout in plan]
+    no_peer = main_job.parse(["--dtypes", "float32,bfloat16", "--no-compile"])
+    assert len(main_job.ahead_units(no_peer, checks, plan)[0]) == n + len(plan)
+    quick = main_job.parse(["--quick", "--no-compile"])        # the checks' own shapes: nothing ahead
     assert main_job.ahead_units(quick, checks[:n], main_job._bench_plan(quick)) == ([], {})

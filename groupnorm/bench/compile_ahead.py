@@ -1,14 +1,20 @@
-"""Cold-cache Numba compiles of a run's later work, done ahead in a second process.
+"""Cold-cache compiles of a run's later work, done ahead in a second process.
 
-A kernel compiles on its first call with each family of argument types (dtype, layout,
-rank, path) and is cached on disk; a cold main job needs about ten such families, 20-50 s
-of one core each. Compiling is single-threaded, so on a 2-core machine a second process
-compiling the families the job needs later, into the same on-disk cache, halves the wait:
-the job then loads them (well under a second each). The cache is safe to share between
-processes (see ``backends.numba_cpu.cache_stamp``).
+A Numba kernel compiles on its first call with each family of argument types (dtype,
+layout, rank, path), 10-50 s of one core each, and is cached on disk; torch.compile's peer
+of each benchmark row compiles for a few seconds and is cached on disk too (Inductor's FX
+graph and AOTAutograd caches). Compiling is single-threaded, so on a 2-core machine a
+second process compiling what the job needs later, into the same on-disk caches, halves
+the wait: the job then loads it (well under a second a kernel, ~0.1 s a row's peer).
+Numba's cache is safe to share between processes (see ``backends.numba_cpu.cache_stamp``).
 
-A unit is one public-API call pattern on one input: a no-grad forward and a training step
-(forward, then the gradients of x, weight and bias), what the main job itself runs.
+Units (JSON lists):
+
+* ``["calls", shape, groups, dtype, param_dtype, layout]``: a no-grad forward and a training
+  step (forward, then the gradients of x, weight and bias) through the public API, as the
+  main job runs them;
+* ``["peers", shape, groups, dtype, layout]``: the torch.compile peers of a CPU speed row
+  (``bench.cpu.prepare_compile_peers``).
 
     python -m groupnorm.bench.compile_ahead < units.json   # prints "done <index> <seconds>" per unit
 """
@@ -20,23 +26,35 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-# (shape, num_groups, dtype name, weight and bias dtype name, layout "nchw" | "nhwc")
-Unit = Tuple[Tuple[int, ...], int, str, str, str]
+# ("calls", shape, num_groups, dtype name, weight and bias dtype name, layout "nchw" | "nhwc")
+# ("peers", shape, num_groups, dtype name, layout)
+Unit = tuple
+
+
+def _input(shape, dtype, layout):
+    x = torch.randn(shape).to(dtype)
+    return x.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "nhwc" else x
 
 
 def run_unit(unit: Unit) -> None:
-    """The calls of one unit, compiling (or loading) every kernel they reach."""
+    """The calls of one unit, compiling (or loading) every kernel or graph they reach."""
+    kind, shape, groups = unit[0], tuple(unit[1]), int(unit[2])
+    if kind == "peers":
+        from .cpu import prepare_compile_peers
+        from .suite import Case
+
+        prepare_compile_peers(Case("ahead", shape, groups), getattr(torch, unit[3]), unit[4])
+        return
+    if kind != "calls":
+        raise ValueError(f"unknown unit kind {kind!r}")
     from ..functional import group_norm
 
-    shape, groups, dtype_name, param_dtype_name, layout = unit
-    dtype, param_dtype = getattr(torch, dtype_name), getattr(torch, param_dtype_name)
-    x = torch.randn(shape).to(dtype)
-    if layout == "nhwc":
-        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    dtype, param_dtype, layout = getattr(torch, unit[3]), getattr(torch, unit[4]), unit[5]
+    x = _input(shape, dtype, layout)
     w = torch.ones(shape[1], dtype=param_dtype)
     b = torch.zeros(shape[1], dtype=param_dtype)
     with torch.no_grad():
@@ -100,7 +118,7 @@ class CompileAhead:
 
 
 def main() -> int:
-    units: List[Unit] = [(tuple(u[0]), int(u[1]), *map(str, u[2:])) for u in json.load(sys.stdin)]
+    units: List[Unit] = json.load(sys.stdin)
     for i, unit in enumerate(units):
         start = time.perf_counter()
         run_unit(unit)
