@@ -63,6 +63,10 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+
+
 def environment(device: str) -> str:
     versions = [f"torch {torch.__version__}"]
     for mod in ("numba", "triton"):
@@ -71,7 +75,8 @@ def environment(device: str) -> str:
         except ImportError:
             pass
     return (f"groupnorm main job, {datetime.datetime.now().isoformat(timespec='seconds')}, commit {_commit()}, "
-            f"{device} ({_machine(device)}), {', '.join(versions)}, backend {registry.backend_name(device)}")
+            f"{device} ({_machine(device)}), {', '.join(versions)}, backend {registry.backend_name(device)}"
+            + (f", {torch.get_num_threads()} threads" if device == "cpu" else ""))
 
 
 def _dtypes(args) -> list:
@@ -145,21 +150,34 @@ def run_speed_table(args, plan, ahead, progress) -> list:
     from .bench import overview
 
     compile_peer = not args.no_compile
-    if ahead is not None:   # its last units are these rows' kernels and peers: load, not compile
+
+    def waiting(done, total):
+        progress.say(f"waiting for the second process ({done} of {total} units done)")
+
+    peer_units = []
+    if ahead is not None:   # the rows' kernels first: from here on they load, not compile
         progress.stage = "speed table"
-        ahead.wait_for(None, lambda done, total: progress.say(
-            f"waiting for the second process's compiles ({done} of {total} units done)"))
-        ahead.close()
+        ahead.wait_for(ahead.indices("calls"), waiting)
+        peer_units = ahead.indices("peers")
     if args.device == "cpu" and compile_peer:
         from .bench import cpu
 
-        for i, (case, dtype, layout) in enumerate(plan):
-            progress.stage = f"torch.compile peers {i + 1}/{len(plan)} ({case.name}, {str(dtype)[6:]}, {layout})"
-            progress.say("torch.compile(F.group_norm) for the forward and the training step"
-                         + (" (the first in a process takes longest) ..." if i == 0 else " ..."))
+        # The second process compiles the peers from the first row on; this one from the
+        # last row back, loading what the other has cached, until they meet.
+        order = range(len(plan) - 1, -1, -1) if peer_units else range(len(plan))
+        for n, i in enumerate(order):
+            case, dtype, layout = plan[i]
+            progress.stage = f"torch.compile peers {n + 1}/{len(plan)} ({case.name}, {str(dtype)[6:]}, {layout})"
+            cached = bool(peer_units) and peer_units[i] in ahead.done
+            progress.say("torch.compile(F.group_norm), forward and training step"
+                         + (", compiled by the second process" if cached else "")
+                         + (" (the first in a process takes longest)" if n == 0 else "") + " ...")
             start = time.perf_counter()
             cpu.prepare_compile_peers(case, dtype, layout)
             progress.say(f"ready in {time.perf_counter() - start:.1f} s")
+    if ahead is not None:
+        ahead.close()
+    load_before = _load()
     print("\nspeed: ours against torch eager and torch.compile (their time / ours: above 1 is faster); "
           "of floor: share of the memory floor ours reaches (a copy of the least bytes a pass moves)", flush=True)
     print(overview.HEADER, flush=True)
@@ -179,6 +197,9 @@ def run_speed_table(args, plan, ahead, progress) -> list:
         print(overview.format_row(row), flush=True)
     if rows:
         print("\n" + overview.summary(rows), flush=True)
+    if load_before:
+        print(f"(load average over 1 min: {load_before} before the timings, {_load()} after; above the core "
+              f"count, other work shared the cores and the times are less reliable)", flush=True)
     return rows
 
 
@@ -216,6 +237,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--bench-dtypes", help="dtypes of the speed rows (default float32 on CPU, float16 on GPU)")
     parser.add_argument("--budget", type=float, default=0.25, help="seconds of timing per side and pass")
     parser.add_argument("--serial", action="store_true", help="CPU: no second process compiling ahead")
+    parser.add_argument("--threads", type=int, help="CPU threads for both sides (torch's; ours follow torch's), "
+                                                    "e.g. 1 on a machine whose other core is busy")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the speed table (needs matplotlib: the 'plot' extra)")
     parser.add_argument("--models", action="store_true",
                         help="diffusers VAE and UNet step end to end: stock vs convert vs convert(fuse=True), "
@@ -227,6 +250,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     progress = Progress()
     print(environment(args.device), flush=True)
     checks = [(case, dtype, layout) for dtype in _dtypes(args) for case in suite.QUICK_SUITE

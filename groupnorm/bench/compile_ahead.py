@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -98,11 +98,18 @@ class CompileAhead:
     def running(self) -> bool:
         return self._proc.poll() is None
 
-    def wait_for(self, index: Optional[int] = None,
+    def indices(self, kind: str) -> List[int]:
+        """The indices of the units of one kind ("calls", "peers"), in order."""
+        return [i for i, unit in enumerate(self.units) if unit[0] == kind]
+
+    def wait_for(self, index: "int | Iterable[int] | None" = None,
                  progress: Optional[Callable[[int, int], None]] = None) -> None:
-        """Until unit ``index`` (every unit when None) is done or the child has ended;
-        ``progress(done, total)`` is called every few seconds of waiting."""
-        wanted = set(range(len(self.units))) if index is None else {index}
+        """Until unit ``index`` (several, or every unit when None) is done or the child has
+        ended; ``progress(done, total)`` is called every few seconds of waiting."""
+        if index is None:
+            wanted = set(range(len(self.units)))
+        else:
+            wanted = {index} if isinstance(index, int) else set(index)
         last = time.perf_counter()
         with self._changed:
             while not wanted <= self.done and (self.running or self._reader.is_alive()):
