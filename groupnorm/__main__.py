@@ -235,7 +235,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", help="dtypes of the correctness checks, e.g. float32,bfloat16 (default: "
                                          "float32 on a CPU, with --full or on a GPU also bfloat16 and float16)")
     parser.add_argument("--bench-dtypes", help="dtypes of the speed rows (default float32 on CPU, float16 on GPU)")
-    parser.add_argument("--budget", type=float, default=0.25, help="seconds of timing per side and pass")
+    parser.add_argument("--budget", type=float, default=0.2, help="seconds of timing per side and pass")
     parser.add_argument("--serial", action="store_true", help="CPU: no second process compiling ahead")
     parser.add_argument("--threads", type=int, help="CPU threads for both sides (torch's; ours follow torch's), "
                                                     "e.g. 1 on a machine whose other core is busy")

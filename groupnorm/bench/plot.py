@@ -17,7 +17,7 @@ def plot_rows(rows: List[Row], path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.case.split(' ', 1)[-1]}\n{r.dtype} {r.layout}" for r in rows]
+    labels = [f"{r.case}\n{r.dtype} {r.layout}" for r in rows]
     at = list(range(len(rows)))
     fig, (speed, bandwidth) = plt.subplots(2, 1, figsize=(max(8.0, 0.75 * len(rows) + 2), 8), sharex=True)
     bars = (("forward vs eager", "fwd_vs_eager", "#1f77b4"), ("forward vs compile", "fwd_vs_compile", "#aec7e8"),
