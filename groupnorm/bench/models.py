@@ -134,9 +134,14 @@ def _is_norm(module: torch.nn.Module) -> bool:
 
 
 def groupnorm_share(case: ModelCase, model, inputs, train: bool) -> float:
-    """Share of an eager step's time spent in GroupNorm (forward and backward), from the
-    torch profiler: forward marked around every GroupNorm module, backward by the autograd
-    nodes their outputs hang on (torch's NativeGroupNormBackward0, ours by their own names)."""
+    """Share of an eager step's time spent in GroupNorm, forward and backward (see ``shares``)."""
+    return sum(shares(case, model, inputs, train))
+
+
+def shares(case: ModelCase, model, inputs, train: bool):
+    """(forward, backward) shares of an eager step's time spent in GroupNorm, from the torch
+    profiler: forward marked around every GroupNorm module, backward by the autograd nodes
+    their outputs hang on (torch's NativeGroupNormBackward0, ours by their own names)."""
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
@@ -173,9 +178,10 @@ def groupnorm_share(case: ModelCase, model, inputs, train: bool) -> float:
         return e.device_time_total if cuda else e.cpu_time_total
 
     events = prof.events()
-    total = sum(time_of(e) for e in events if e.name == "model step")
-    norm = sum(time_of(e) for e in events if e.name == "groupnorm module" or e.name in backward_nodes)
-    return norm / total if total else float("nan")
+    total = sum(time_of(e) for e in events if e.name == "model step") or float("nan")
+    forward = sum(time_of(e) for e in events if e.name == "groupnorm module")
+    backward = sum(time_of(e) for e in events if e.name in backward_nodes)
+    return forward / total, backward / total
 
 
 def _quietly(fn, *args):
