@@ -7,8 +7,8 @@ runs it; anything else returns None and takes the general path in ``functional``
 checks every argument and raises torch's errors.
 
 Why a separate path: right after a large kernel the interpreter's code and data are out
-of the caches, and every tensor attribute costs 2-4 us instead of 0.1-0.2 (measured with
-``benchmarks/glue_cost.py``). The general path asks the same questions several times on
+of the caches, and every tensor attribute costs 2-4 us instead of 0.1-0.2 (measured
+2026-11-27 with ``benchmarks/glue_cost.py``, removed after eb1f750). The general path asks the same questions several times on
 its way down (validation, layout, eager checks, op layer, registry, launcher), ~30-50 us
 per call. Here shape, dtype, layout and element count are read once and handed to the
 backend's optional ``forward_known`` (see ``backends.numba_cpu.launch`` and
@@ -16,7 +16,7 @@ backend's optional ``forward_known`` (see ``backends.numba_cpu.launch`` and
 
 ``nn.Parameter`` weights (every module's) are read directly, here as on the general
 eager path: a Parameter's memory is a plain tensor's (its ``__torch_function__`` is
-disabled). Until the eleventh session they went through the custom-op dispatcher, ~25 us
+disabled). Until 2026-11-27 (af7931d) they went through the custom-op dispatcher, ~25 us
 more per call.
 """
 from __future__ import annotations

@@ -72,11 +72,17 @@ def run_checks(cases: List[Case], device: str, dtypes) -> List[Dict]:
     return rows
 
 
+def checks_header(device: str) -> str:
+    return (f"correctness on {device} (backend: {registry.backend_name(torch.device(device).type)}): "
+            "max |err| vs float64 reference, ours / torch\n"
+            "| case | dtype | format | y | dx | dweight | dbias | ok |\n|---|---|---|---|---|---|---|---|")
+
+
+def format_check(r: Dict) -> str:
+    """One table line of a check_case result."""
+    cells = " | ".join(f"{o:.1e} / {t:.1e}" for o, t in r["errors"].values())
+    return f"| {r['case']} | {r['dtype']} | {r['format']} | {cells} | {'PASS' if r['ok'] else 'FAIL'} |"
+
+
 def format_checks(rows: List[Dict], device: str) -> str:
-    lines = [f"correctness on {device} (backend: {registry.backend_name(torch.device(device).type)}): "
-             "max |err| vs float64 reference, ours / torch",
-             "| case | dtype | format | y | dx | dweight | dbias | ok |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = " | ".join(f"{o:.1e} / {t:.1e}" for o, t in r["errors"].values())
-        lines.append(f"| {r['case']} | {r['dtype']} | {r['format']} | {cells} | {'PASS' if r['ok'] else 'FAIL'} |")
-    return "\n".join(lines)
+    return "\n".join([checks_header(device)] + [format_check(r) for r in rows])

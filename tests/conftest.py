@@ -4,6 +4,6 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    # Must be set before triton is first imported anywhere in the session.
+    # Must be set before triton is first imported anywhere in the test run.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

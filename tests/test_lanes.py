@@ -128,7 +128,7 @@ torch.save(sums, sys.argv[2])
 
 @pytest.mark.parametrize("first", ["two-stage", "fused"])
 def test_backward_sums_agree_across_processes_sharing_a_cache(tmp_path, first):
-    """The thirteenth session's CI flake, as it happened: one process compiles one backward
+    """The CI flake of 2026-11-28, as it happened: one process compiles one backward
     path into an empty cache, a second compiles the other path beside the first one's
     cached callees. With reassociated sums the bfloat16 Mish sums of the two paths differed
     in the last bits; in lanes they cannot."""

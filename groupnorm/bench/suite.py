@@ -11,6 +11,13 @@ class Case:
     shape: Tuple[int, ...]
     num_groups: int
 
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
 
 # CPU suite (issue 3): SD UNet / VAE at batch 1-2, a detection neck, a video VAE (5-D).
 CPU_SUITE: List[Case] = [

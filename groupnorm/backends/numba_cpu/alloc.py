@@ -78,7 +78,7 @@ def _pooled(x: torch.Tensor, shape, dtype: torch.dtype, nbytes: int, channels_la
     (empty_like(x), None) when the pool's bounds say no.
 
     Every line here runs right after the previous kernel has flushed the caches, where
-    each Python or torch call costs microseconds (``benchmarks/glue_cost.py``): the
+    each Python or torch call costs microseconds (measured 2026-11-27): the
     buffer comes already viewed as the kernels' element type, x's shape and dtype come
     from the caller, and strides are compared only where they can differ. shape: x.shape."""
     got = POOL.take(nbytes, KERNEL_NUMPY[dtype])

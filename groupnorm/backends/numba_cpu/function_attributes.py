@@ -12,11 +12,11 @@ only (other Numba code in the process keeps LLVM's defaults):
   with ``elementwise`` (apply, dx): bound by memory, they ran up to 13% faster with
   256-bit vectors on mid and large shapes, within +-6% on the smallest (measured per
   kernel in one process, clones of the same code with and without the attribute:
-  benchmarks/ab_vector_width.py), so they keep LLVM's default; their half-type specialisations (arrays
+  benchmarks/ab_vector_width.py at eb1f750), so they keep LLVM's default; their half-type specialisations (arrays
   of uint16/int16 bits in the signature) get the wide vectors. A CPU without AVX-512
   ignores the attribute: LLVM never vectorises wider than the registers.
-* ``noinline`` on the sum functions registered with ``out_of_line``. Until the fourteenth
-  session they were the only functions compiled with ``reassoc``, and LLVM regrouped a
+* ``noinline`` on the sum functions registered with ``out_of_line``. Until 2026-11-28
+  (1f97982) they were the only functions compiled with ``reassoc``, and LLVM regrouped a
   sum once it was inlined into a caller, so the same kernel summed in another order when
   compiled inside a caller than when its callee came from the disk cache; keeping them
   out of line was the first, partial, defence (a caller's module still re-optimised its

@@ -5,8 +5,8 @@ LLVM do that (``fastmath`` reassoc on the sum loops), and LLVM regrouped differe
 depending on the module a sum was compiled into: Numba links a callee's optimised code
 into each caller's module and optimises it again there, so a kernel compiled in a process
 that loaded some callees from another process's disk cache could sum in another order
-than the same kernel compiled in one process (last-bit differences between paths; the
-thirteenth session's CI flake). Here the regrouping is explicit instead:
+than the same kernel compiled in one process (last-bit differences between paths; a CI
+flake of 2026-11-28). Here the regrouping is explicit instead:
 
 * ``LANES`` partial sums in a stack array (``lanes_of``): term i of a sum goes to lane
   i % LANES, each lane adding its terms in index order. Each update is elementwise across
@@ -15,8 +15,8 @@ thirteenth session's CI flake). Here the regrouping is explicit instead:
 * ``total`` adds the lanes by halves (lanes[:h] + lanes[h:] until one is left), strict
   adds on explicit LLVM vector shuffles: the same tree in every caller, fresh or cached.
 
-Measured against the reassociated loops they replace (``benchmarks/ab_fixed_order_sums.py``,
-BENCHMARKS.md, fourteenth session): parity (0.8-1.15x the time) from rows of 64 elements
+Measured 2026-11-28 against the reassociated loops they replace (``benchmarks/ab_fixed_order_sums.py``
+at eb1f750): parity (0.8-1.15x the time) from rows of 64 elements
 to 16384, the same accuracy. Three details matter: the array starts on a cache line (an
 unaligned one made the time swing 1.3-6x between processes), the masked tail indexes
 with unsigned integers (a signed index keeps Numba's negative-index wraparound, which

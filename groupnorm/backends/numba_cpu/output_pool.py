@@ -10,8 +10,8 @@ ours. A buffer handed back here is already mapped and usually still in cache.
 
 How: each buffer is a 64-byte aligned numpy array, kept flat and already viewed as the
 element type it was last handed out as (free lists by byte size and numpy type: a dtype
-view costs ~7 us right after a kernel has flushed the caches, measured with
-``benchmarks/glue_cost.py``). The tensor handed out wraps a fresh numpy view of it
+view costs ~7 us right after a kernel has flushed the caches, measured 2026-11-27 with
+``benchmarks/glue_cost.py``, removed after eb1f750). The tensor handed out wraps a fresh numpy view of it
 (``torch.from_numpy``: the tensor's storage keeps that view alive, whatever views or
 slices of the tensor the caller makes). A weak reference to the view returns the buffer
 to its free list when the storage dies; the next request of that size and type pops it

@@ -1,21 +1,68 @@
-"""First-call cost: compile (or load from the on-disk cache) the common signatures.
+"""First-call cost: kernels compile when a call first needs them, and say so while they do.
 
-Numba compiles per argument types; with ``cache=True`` the machine code lands next to the
-sources, so only the very first process pays the full compile time (about 100 s of CPU
-for all dtypes and layouts on a 2-core machine; about 1 s to load from the cache).
-Numba's cache stamps a kernel with its own source file only; ``cache_stamp`` adds a hash
-of every module of this package, so an edit to a helper (bits, elements, coefs, ...)
-recompiles the kernels that inline it instead of loading stale code.
+Numba compiles per argument types on a kernel's first call; with ``cache=True`` the machine
+code lands on disk, so only the first process on a machine pays. A call compiles only the
+entries it reaches: a first float32 forward + backward on a 2-core machine compiles two
+entries (about 10 s and 15-20 s; measured 2026-12-07, see BENCHMARKS.md), every later process
+loads them in well under a second. Nothing here runs at import.
+
+* ``compile_notices(report)`` tells a caller, while it happens, which kernel is compiling and
+  how long it took (the main job prints it: a long silent pause looks like a hang).
+* ``warmup()`` compiles every common signature up front (all dtypes, both layouts, a few
+  minutes on a cold cache): for images and CI caches that want no compile at first use.
+
+Numba's cache stamps a kernel with its own source file only; ``cache_stamp`` adds a hash of
+every module of this package, so an edit to a helper recompiles the kernels that inline it.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Callable, Iterator
 
 import torch
 
 from . import launch
 
 COMMON_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+PACKAGE = __name__.rsplit(".", 1)[0]
+
+# report(kernel name, None) when an outermost compile starts, report(kernel name, seconds) when it ends.
+Report = Callable[[str, "float | None"], None]
+
+
+def _ours(dispatcher) -> bool:
+    return getattr(getattr(dispatcher, "py_func", None), "__module__", "").startswith(PACKAGE)
+
+
+@contextlib.contextmanager
+def compile_notices(report: Report) -> Iterator[None]:
+    """Within the block, ``report`` hears of every compile of one of this package's kernels
+    that is not nested in another (callees compile inside their caller's compile). Numba
+    raises its compile event on a cache miss only, so a load from disk stays quiet."""
+    from numba.core import event
+
+    class Listener(event.Listener):
+        depth = 0
+        started = 0.0
+
+        def on_start(self, ev):
+            self.depth += 1
+            if self.depth == 1 and _ours(ev.data["dispatcher"]):
+                self.started = time.perf_counter()
+                report(ev.data["dispatcher"].py_func.__name__, None)
+
+        def on_end(self, ev):
+            self.depth -= 1
+            if self.depth == 0 and _ours(ev.data["dispatcher"]):
+                report(ev.data["dispatcher"].py_func.__name__, time.perf_counter() - self.started)
+
+    listener = Listener()
+    event.register("numba:compile", listener)
+    try:
+        yield
+    finally:
+        event.unregister("numba:compile", listener)
 
 
 def warmup(dtypes=COMMON_DTYPES, activations=("none",)) -> float:
@@ -50,5 +97,5 @@ def warmup(dtypes=COMMON_DTYPES, activations=("none",)) -> float:
 
 
 def compile_time_report() -> dict:
-    """{'seconds': first-call cost of the common signatures} for the main job to print."""
+    """{'seconds': first-call cost of the common signatures} (``warmup``'s time)."""
     return {"seconds": warmup()}
