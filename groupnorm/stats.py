@@ -272,8 +272,10 @@ class _ApplyWithStats(torch.autograd.Function):
         grads = [None] * 9
         if needs[0]:
             zeros = torch.zeros_like(mean)
+            # With both sums zero, count only scales zeros; it must not be 1, which tells the
+            # backends every group holds one element (dx exactly 0 there).
             grads[0] = ops.backward_dx(dy, x, mean, rstd, weight, bias, scale, shift,
-                                       zeros, zeros.clone(), 1, g, act)
+                                       zeros, zeros.clone(), 2, g, act)
         if any(needs[1:7]):
             a, b = ops.backward_reduce(dy, x, mean, rstd, weight, bias, scale, shift, g, act)
             params = grad_terms.param_grads(a, b, weight, bias, scale, shift)
