@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Prepared device checks for a session that is lent a GPU (the device tool; 15 minutes of
+# Prepared device checks for a run lent a GPU (the device tool; 15 minutes of
 # device time in all, so each mode is time-boxed and every benchmark prints rows as it goes):
-#   run(command="bash benchmarks/gpu_session.sh full",  timeout_s=560)  ~8 min: CUDA tests,
+#   run(command="bash benchmarks/gpu_run.sh full",  timeout_s=560)  ~8 min: CUDA tests,
 #       >2^31 test, main job, float16 suite with the torch.compile peer, bf16/f32 rows, fused rows
-#   run(command="bash benchmarks/gpu_session.sh tune",  timeout_s=300)  ~4 min: host-time
+#   run(command="bash benchmarks/gpu_run.sh tune",  timeout_s=300)  ~4 min: host-time
 #       profile, launch-plan variants (tune_gpu.py), CUDA tests
-#   run(command="bash benchmarks/gpu_session.sh large", timeout_s=540)  ~8 min: one-pass kernels
+#   run(command="bash benchmarks/gpu_run.sh large", timeout_s=540)  ~8 min: one-pass kernels
 #       for large groups (issue 26): tests, barrier vs pair, CUDA graph, large suite, >2^31, tuning, ncu
-#   run(command="bash benchmarks/gpu_session.sh check", timeout_s=290)  ~3 min after a change:
+#   run(command="bash benchmarks/gpu_run.sh check", timeout_s=290)  ~3 min after a change:
 #       CUDA tests, main job correctness, host profile, float16 suite without compile
-#   run(command="bash benchmarks/gpu_session.sh everyday", timeout_s=540)  <= 8 min: the Triton
+#   run(command="bash benchmarks/gpu_run.sh everyday", timeout_s=540)  <= 8 min: the Triton
 #       and toolchain CUDA tests, then benchmarks/gpu_check.py (eager rows for every suite shape,
 #       dtype, layout and pass; then torch.compile default / reduce-overhead rows while time is left)
 # Logs go under $OUT (default ./gpu-out; the device tool returns at most 8 files).
@@ -92,6 +92,6 @@ case "$MODE" in
       echo "ncu not found" > "$OUT/large_ncu.txt"
     fi
     ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh [full|tune|check|everyday|large]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh [full|tune|check|everyday|large]" >&2; exit 2 ;;
 esac
 tail -n 3 "$OUT"/*.txt
