@@ -373,3 +373,32 @@ def test_group_path_channels_last_every_dtype(monkeypatch, dtype):
     _set_path(monkeypatch, "group")
     x, w, b, sc, sh, dy = _inputs((2, 6, 5, 7), 3, dtype, True, seed=7)
     _check_contract(x, w, b, sc, sh, dy, 3, "gelu_tanh")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_paths_are_batch_and_device_invariant(monkeypatch, channels_last):
+    """A sample's y and dx have the same bits alone and inside a batch, and on devices of
+    another SM count: the split plans size their partials for one sample on a reference
+    device (plan.REFERENCE_SMS), so N and the SM count never change a reduction order."""
+    from groupnorm.backends.triton_gpu import onepass_launch
+
+    _set_path(monkeypatch, "split_stats")
+    monkeypatch.setattr(onepass_launch, "MODE", "off")
+    for n in (1, 8):
+        for sms in (4, 64, 132):
+            assert plan.split_plan(4096, 4, sms).split == plan.split_plan(4096, 4, 132).split
+            assert plan.reduce_plan(n, 8, 4096, channels_last, sms) == plan.reduce_plan(1, 8, 4096,
+                                                                                        channels_last, 132)
+    x, w, b, s, h, dy = _inputs((3, 8, 9, 11), 4, torch.float32, channels_last)
+    outs = {}
+    for sms in (4, 64):
+        monkeypatch.setattr(plan, "CPU_NUM_SMS", sms)
+        batch = tg.forward(x, w, b, s, h, 4, EPS, "silu")
+        alone = tg.forward(x[1:2], w, b, s[1:2], h[1:2], 4, EPS, "silu")
+        assert torch.equal(batch[0][1:2], alone[0])
+        dx_batch = tg.backward_grads(dy, x, batch[1], batch[2], w, b, s, h, 4, "silu", True)[0]
+        dx_alone = tg.backward_grads(dy[1:2], x[1:2], alone[1], alone[2], w, b, s[1:2], h[1:2], 4, "silu",
+                                     True)[0]
+        assert torch.equal(dx_batch[1:2], dx_alone)
+        outs[sms] = (batch[0], dx_batch)
+    assert all(torch.equal(a, b) for a, b in zip(outs[4], outs[64]))

@@ -142,7 +142,7 @@ def _params(x: Tensor, weight, bias, scale, shift):
 
 
 def _split_plan(lay: Layout):
-    return plan.split_plan(lay.group_size, lay.rows, _sms_of(lay.device), lay.channels_last)
+    return plan.split_plan(lay.group_size, lay.g, _sms_of(lay.device), lay.channels_last)
 
 
 def _stats_partials(x: Tensor, lay: Layout, p) -> Tensor:

@@ -116,11 +116,19 @@ def _split_count(length: int, rows: int, block: int, num_sms: int, waves: int) -
     return max(1, min(want, most, MAX_SPLIT))
 
 
+# Batch invariance: a group's reduction order (how many partials, where they split) may
+# depend on the group alone, never on N or the device. The split paths therefore size their
+# grids for one sample's groups on a reference device (an H100's SM count); a larger batch
+# or another GPU gets more or fewer waves of the same programs, never other partials.
+REFERENCE_SMS = 132
+
+
 def split_plan(group_size: int, rows: int, num_sms: int, channels_last: bool = False) -> SplitPlan:
-    """Plan for a pass over ``rows`` groups (N * G) of ``group_size`` elements each."""
+    """Plan for a pass over groups of ``group_size`` elements; ``rows`` is one sample's
+    group count (G), ``num_sms`` is ignored for the split (see REFERENCE_SMS)."""
     block = min(LOOP_BLOCK, next_power_of_2(max(group_size, 1)))
     waves = WAVES_PER_SM if channels_last else WAVES_PER_SM_NCHW
-    split = _split_count(group_size, rows, block, num_sms, waves)
+    split = _split_count(group_size, rows, block, REFERENCE_SMS, waves)
     chunk = cdiv(cdiv(group_size, split), block) * block
     split = cdiv(group_size, chunk)  # no empty programs
     return SplitPlan(block=block, chunk=chunk, split=split, num_warps=_warps(block))
@@ -135,8 +143,8 @@ def reduce_plan(n: int, c: int, hw: int, channels_last: bool, num_sms: int) -> R
     else:
         block_hw = min(hw2, max(1, min(1024, REDUCE_TILE)))
         block_c = min(c2, max(1, REDUCE_TILE // block_hw))
-    rows = n * cdiv(c, block_c)
-    want = cdiv(target_programs(num_sms), rows)
+    rows = cdiv(c, block_c)   # one sample's tiles on the reference device: see REFERENCE_SMS
+    want = cdiv(target_programs(REFERENCE_SMS), rows)
     most = max(1, cdiv(hw * block_c, max(SPLIT_MIN_CHUNK, block_c * block_hw)))
     split = max(1, min(want, most, MAX_SPLIT))
     chunk_hw = cdiv(cdiv(hw, split), block_hw) * block_hw
@@ -207,7 +215,7 @@ def _group_forward(s: Shape, num_sms: int) -> Optional[ForwardPlan]:
 
 
 def _split_forward(s: Shape, num_sms: int) -> ForwardPlan:
-    p = split_plan(s.group_size, s.rows, num_sms, s.channels_last)
+    p = split_plan(s.group_size, s.g, num_sms, s.channels_last)
     return ForwardPlan("split", 2, (s.rows, p.split), p.block, p.num_warps, p)
 
 
