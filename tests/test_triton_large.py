@@ -420,3 +420,20 @@ def test_channels_last_past_int32_indexing():
     # dy = 1: dbias = pixels per channel; dx ~ 0 up to the last element (a wrapped offset: garbage).
     torch.testing.assert_close(db, torch.full((32,), float(w_), device="cuda"), rtol=1e-4, atol=0)
     assert torch.isfinite(dx[0, :, 0, -4096:]).all() and dx[0, :, 0, -4096:].abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_sample_has_the_same_bits_alone_and_in_a_batch(channels_last):
+    """The one-pass plan groups a sample's tiles into partials by the sample's shape only
+    (not N): forward y and dx of sample 1 alone equal its rows inside a batch of three."""
+    for n in (1, 3, 16):
+        a = onepass_plan.onepass_plan(n, 8, 9 * 11, 4, channels_last, 4, plan.CPU_NUM_SMS, 1 << 20)
+        b = onepass_plan.onepass_plan(1, 8, 9 * 11, 4, channels_last, 4, plan.CPU_NUM_SMS, 1 << 20)
+        assert (a.k, a.split, a.span_g) == (b.k, b.split, b.span_g)
+    x, w, b, sc, sh, dy = _inputs((3, 8, 9, 11), torch.float32, channels_last)
+    batch = tg.forward(x, w, b, sc, sh, 4, EPS, "silu")
+    alone = tg.forward(x[1:2], w, b, sc[1:2], sh[1:2], 4, EPS, "silu")
+    assert torch.equal(batch[0][1:2], alone[0])
+    dx_batch = tg.backward_grads(dy, x, batch[1], batch[2], w, b, sc, sh, 4, "silu", True)[0]
+    dx_alone = tg.backward_grads(dy[1:2], x[1:2], alone[1], alone[2], w, b, sc[1:2], sh[1:2], 4, "silu", True)[0]
+    assert torch.equal(dx_batch[1:2], dx_alone)

@@ -92,7 +92,9 @@ def onepass_plan(n: int, c: int, hw: int, g: int, channels_last: bool, elem_byte
     tiles = cdiv(hw, block_hw)
     rows = n * (g // span_g)
     capacity = max(1, num_sms * (resident or RESIDENT_PER_SM))
-    want_rows = max(1, min(rows, MIN_ROWS_PER_WAVE))
+    # k (tiles per program, hence how a group's partials are grouped) is chosen from one
+    # sample's rows, so a sample's reduction order is the same alone and in any batch.
+    want_rows = max(1, min(g // span_g, MIN_ROWS_PER_WAVE))
     k = cdiv(tiles, max(1, capacity // want_rows))   # > 1: streamed, re-read from L2
     fit = rows
     if k > 1:  # a wave's data must stay within the L2 share so the second read hits it
