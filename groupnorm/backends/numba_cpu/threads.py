@@ -6,7 +6,7 @@ fork handler kills every child forked after a parallel region ("Terminating: for
 called from a process already using GNU OpenMP"): DataLoader workers, pre-fork servers.
 Unless the user chose a layer (``NUMBA_THREADING_LAYER`` or ``numba.config``) or Numba's
 pool already runs, start_pool asks for Numba's ``forksafe`` layer: TBB where installed,
-else ``workqueue``. TBB is also thread-safe; workqueue is not (two Python threads inside
+else ``workqueue`` (TBB is a dependency on Linux x86-64, see ``_preload_tbb``). TBB is also thread-safe; workqueue is not (two Python threads inside
 parallel regions at once abort the process), so with workqueue every kernel call holds
 LOCK, one process-wide lock, and concurrent callers take turns. The price: a workqueue
 parallel region costs ~20 us more than an OpenMP one (measured on 2 cores, even with
@@ -57,7 +57,29 @@ def choose_layer() -> None:
     except (ImportError, AttributeError):   # internals moved: leave Numba's own choice
         return
     if not started and numba.config.THREADING_LAYER == "default":
+        _preload_tbb()
         numba.config.THREADING_LAYER = "forksafe"
+
+
+def _preload_tbb() -> None:
+    """Load pip's TBB (a dependency on Linux x86-64) by its path, so Numba's TBB layer finds it.
+
+    The wheel puts libtbb.so.12 in <prefix>/lib, which a virtualenv's loader does not
+    search; once loaded, Numba's tbbpool links against it by soname. TBB is fork-safe and
+    thread-safe, and its parallel regions cost far less than workqueue's (measured with the
+    main job on 2 cores, 2026-12-07: forward 1.07x / training step 1.38x torch eager on TBB,
+    0.81x / 0.90x on workqueue, 1.22x / 1.32x on the fork-unsafe OpenMP layer)."""
+    import ctypes
+    import glob
+    import sys
+
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        for path in sorted(glob.glob(os.path.join(prefix, "lib", "libtbb.so.12*"))):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
 
 
 def start_pool() -> None:
