@@ -84,9 +84,9 @@ ort = pytest.importorskip("onnxruntime")
 
 
 def _run_onnx(model_bytes, inputs):
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
+    runtime = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    names = [i.name for i in runtime.get_inputs()]
+    return runtime.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
 
 
 def _export(module, args, dynamo):
