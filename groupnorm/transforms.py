@@ -179,11 +179,9 @@ def tangent(x, weight, bias, scale, shift, mean, rstd, num_groups: int, eps: flo
         term = _channel(tbias.to(acc), x)
         dz = term.expand(x.shape) if dz is None else dz + term
     if scale is not None or shift is not None or tscale is not None or tshift is not None or activation != "none":
-        z0 = xhat
-        if weight is not None:
-            z0 = z0 * _channel(weight.to(acc), x)
-        if bias is not None:
-            z0 = z0 + _channel(bias.to(acc), x)
+        n, c = x.shape[0], x.shape[1]
+        z0, z1 = (z.reshape(x.shape) for z in
+                  reference._pre_activation(xhat.reshape(n, c, -1), weight, bias, scale, shift))
         if dz is not None and scale is not None:
             dz = dz * (1.0 + _sample_channel(scale.to(acc), x))
         if tscale is not None:
@@ -193,11 +191,6 @@ def tangent(x, weight, bias, scale, shift, mean, rstd, num_groups: int, eps: flo
             term = _sample_channel(tshift.to(acc), x)
             dz = term.expand(x.shape) if dz is None else dz + term
         if activation != "none":
-            z1 = z0
-            if scale is not None:
-                z1 = z1 * (1.0 + _sample_channel(scale.to(acc), x))
-            if shift is not None:
-                z1 = z1 + _sample_channel(shift.to(acc), x)
             dz = dz * activation_grad(z1, activation)
     if not kernels:
         return dz.to(x.dtype)
